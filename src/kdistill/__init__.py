@@ -1,0 +1,44 @@
+"""kdistill: knowledge distillation for large language models.
+
+The public API that plugins import: `hookimpl`, `Options`, the component base classes and the
+data types passed between them, plus `load_recipe`, `resolve` and `run`.
+"""
+
+from kdistill.__about__ import __version__
+from kdistill.core.components import (
+    IGNORE_INDEX,
+    Batch,
+    Component,
+    DataSource,
+    EvalContext,
+    Evaluator,
+    LayerMapper,
+    Loss,
+    ModelOutputs,
+    Needs,
+    Options,
+    Scheduler,
+    Strategy,
+    TeacherProvider,
+    Tracker,
+    TrainContext,
+)
+from kdistill.core.config import Plan, Recipe, load_recipe, resolve
+from kdistill.core.errors import ConfigError, KdistillError
+from kdistill.core.hookspecs import hookimpl
+from kdistill.core.paths import resolve_path
+
+
+def run(recipe, overrides=(), resume: bool = False, overwrite: bool = False):
+    """Run a recipe (a path or a raw mapping); returns the engine's summary dict."""
+    from kdistill.core.engine import run_recipe
+
+    return run_recipe(recipe, overrides=overrides, resume=resume, overwrite=overwrite)
+
+
+__all__ = [
+    "IGNORE_INDEX", "Batch", "Component", "ConfigError", "DataSource", "EvalContext", "Evaluator",
+    "KdistillError", "LayerMapper", "Loss", "ModelOutputs", "Needs", "Options", "Plan", "Recipe",
+    "Scheduler", "Strategy", "TeacherProvider", "Tracker", "TrainContext", "__version__", "hookimpl",
+    "load_recipe", "resolve", "resolve_path", "run",
+]

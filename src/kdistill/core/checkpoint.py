@@ -1,0 +1,200 @@
+"""Atomic checkpoints with exact resume, in safetensors and JSON only (nothing unpickled).
+
+A checkpoint is written into a hidden temporary folder, each file fsynced, then a COMPLETE marker
+listing every file and its size; only then is the folder renamed to `step-NNNNNNNN`. A folder
+without a valid marker is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdistill.core.errors import KdistillError
+
+MARKER = "COMPLETE"
+PREFIX = "step-"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    # clone: tied weights share storage, which safetensors refuses to write twice
+    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(list(internal), dtype=torch.int64),
+        "python_meta": torch.tensor([version, -1 if gauss is None else 1], dtype=torch.int64),
+        "python_gauss": torch.tensor([0.0 if gauss is None else gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda.{i}"] = s
+    return state
+
+
+def set_rng_state(state: Mapping[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, has_gauss = state["python_meta"].tolist()
+    gauss = state["python_gauss"].item() if has_gauss == 1 else None
+    random.setstate((version, tuple(state["python"].tolist()), gauss))
+    if torch.cuda.is_available():
+        cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for idx, values in sd["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                plain["state"].setdefault(str(idx), {})[key] = value
+    return tensors, plain
+
+
+def _optimizer_state(tensors: Mapping[str, torch.Tensor], plain: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in plain["state"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_checkpoint(root: Path, step: int, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
+                    state: Mapping[str, Any], keep: int) -> Path:
+    """Write checkpoint `step` atomically under `root` and prune all but the newest `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {f"{name}.{k}": v for name, module in modules.items() for k, v in module.state_dict().items()}
+    _save_tensors(weights, tmp / "model.safetensors")
+    opt_tensors, opt_plain = _optimizer_parts(optimizer)
+    _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+    _write_bytes(tmp / "optimizer.json", json.dumps(opt_plain).encode())
+    _save_tensors(rng_state(), tmp / "rng.safetensors")
+    _write_bytes(tmp / "state.json", json.dumps(dict(state), indent=1).encode())
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    _write_bytes(tmp / MARKER, json.dumps({"step": step, "files": files}).encode())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    prune(root, keep)
+    return final
+
+
+def check_complete(path: Path) -> str | None:
+    """None when `path` is a complete checkpoint, else the reason it is not."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"{marker.name} marker missing"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, OSError):
+        return f"{marker} is unreadable"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_complete(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint, and the newer ones skipped with their reasons."""
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
+        reason = check_complete(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def prune(root: Path, keep: int) -> None:
+    complete = [p for p in list_checkpoints(root) if check_complete(p) is None]
+    for path in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore modules, optimizer and RNG from `path`; returns the saved state mapping."""
+    reason = check_complete(path)
+    if reason is not None:
+        raise KdistillError(f"{path}: not a complete checkpoint ({reason})")
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        for name, module in modules.items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        opt_plain = json.loads((path / "optimizer.json").read_text())
+        optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), opt_plain))
+        set_rng_state(load_file(str(path / "rng.safetensors")))
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise KdistillError(f"{path}: cannot restore the checkpoint: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    """`save_pretrained` (safetensors) into a temporary folder, then swap it into place."""
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    _fsync_dir(tmp)
+    old = target.with_name(f".old-{target.name}-{os.getpid()}")
+    if target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,230 @@
+"""Base classes of every component kind.
+
+A component declares a `name`, a nested pydantic `Options` model and takes an instance of it in
+`__init__`. The engine calls components directly; hooks are only used to discover the classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Mapping
+
+import pydantic
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class Options(pydantic.BaseModel):
+    """Options of a component: unknown fields are errors and instances are immutable."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class Component:
+    """Common base: subclasses set `name` and may override the nested `Options`."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str] = "component"
+
+    class Options(Options):
+        pass
+
+    def __init__(self, options: Options | None = None):
+        self.options = options if options is not None else self.Options()
+
+
+# --------------------------------------------------------------------------- data passed around
+
+
+@dataclass
+class Batch:
+    """Token ids and aligned targets: `logits[:, t]` predicts `labels[:, t]` (no shifting anywhere).
+
+    `labels` holds IGNORE_INDEX where a position does not count (padding, prompts).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.labels != IGNORE_INDEX
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask))
+
+
+@dataclass
+class ModelOutputs:
+    """What a model said for a batch; only what some component asked for is filled."""
+
+    logits: torch.Tensor | None = None
+    hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
+    attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Needs:
+    """What the losses of a run ask the models for."""
+
+    logits: bool = True
+    hidden_layers: tuple[int, ...] = ()
+    attention_layers: tuple[int, ...] = ()
+
+
+# --------------------------------------------------------------------------- the kinds
+
+
+class TeacherProvider(Component):
+    """Says what the teacher predicts for a batch. `model`/`tokenizer` are set by `load`."""
+
+    kind = "teacher"
+    model: nn.Module | None = None
+    tokenizer: Any = None
+
+    def load(self, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def outputs(self, batch: Batch, needs: Needs) -> ModelOutputs:
+        raise NotImplementedError
+
+
+class Loss(Component):
+    """A per-position loss. `__call__` returns the SUM over positions whose label counts.
+
+    The engine divides by the number of counted positions in the whole optimizer step, so
+    gradient accumulation over micro-batches equals one large batch exactly.
+    """
+
+    kind = "loss"
+    needs_teacher: ClassVar[bool] = True
+
+    def __call__(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LayerMapper(Component):
+    """Pairs student layers with teacher layers."""
+
+    kind = "layer_mapper"
+
+    def pairs(self, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+
+class Scheduler(Component):
+    """A multiplier over training steps (the engine scales the base learning rate by it)."""
+
+    kind = "scheduler"
+
+    def __call__(self, step: int, total_steps: int) -> float:
+        raise NotImplementedError
+
+
+class Evaluator(Component):
+    """Metrics of the student (and teacher) on validation data."""
+
+    kind = "evaluator"
+    provides: ClassVar[tuple[str, ...]] = ()  # metric names it reports (for train.best_metric)
+
+    def evaluate(self, context: "EvalContext") -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Strategy(Component):
+    """What one training step computes with which models.
+
+    `setup` receives the run's models and losses; `trainable` names the modules the optimizer
+    trains (and the checkpoint stores); `loss` returns the summed loss of a micro-batch and its
+    per-term sums (both sums over counted positions, see Loss).
+    """
+
+    kind = "strategy"
+    needs_teacher: ClassVar[bool] = True
+
+    def setup(self, context: "TrainContext") -> None:
+        self.context = context
+
+    def trainable(self) -> Mapping[str, nn.Module]:
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class DataSource(Component):
+    """Batches of token ids and labels, addressed by index so that resume is exact."""
+
+    kind = "data_source"
+
+    def setup(self, tokenizer: Any, seed: int) -> None:
+        raise NotImplementedError
+
+    def train_batch(self, index: int, batch_size: int) -> Batch:
+        raise NotImplementedError
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A short digest of the data, for checkpoints and caches to check against."""
+        raise NotImplementedError
+
+
+class Tracker(Component):
+    """Where params, metrics and artifacts go."""
+
+    kind = "tracker"
+
+    def start(self, run_name: str, params: Mapping[str, Any], output_dir: str) -> None:
+        raise NotImplementedError
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        raise NotImplementedError
+
+    def finish(self, status: str = "FINISHED") -> None:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+@dataclass
+class TrainContext:
+    """Everything a strategy may use; built by the engine."""
+
+    student: nn.Module
+    teacher: TeacherProvider | None
+    losses: list[tuple[str, float, Loss]]
+    needs: Needs
+    total_tokens: int = 1  # counted positions in the current optimizer step (set per step)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalContext:
+    student: nn.Module
+    teacher: TeacherProvider | None
+    val_batches: Any  # a callable returning an iterator of Batch
+    tokenizer: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+# kind -> (registration hook, base class); the single place that lists the kinds.
+KINDS: dict[str, tuple[str, type[Component]]] = {
+    "teacher": ("kd_register_teachers", TeacherProvider),
+    "loss": ("kd_register_losses", Loss),
+    "layer_mapper": ("kd_register_layer_mappers", LayerMapper),
+    "scheduler": ("kd_register_schedulers", Scheduler),
+    "evaluator": ("kd_register_evaluators", Evaluator),
+    "strategy": ("kd_register_strategies", Strategy),
+    "data_source": ("kd_register_data_sources", DataSource),
+    "tracker": ("kd_register_trackers", Tracker),
+}

@@ -1,0 +1,363 @@
+"""The recipe: a static schema plus a resolve step that validates every component's options.
+
+`resolve` reports every problem at once (static fields, unknown component names, options that a
+component's own `Options` model rejects), each as one line starting with its dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from kdistill.core.components import Component
+from kdistill.core.errors import ConfigError
+from kdistill.core.registry import Entry, Registry
+
+
+class StaticModel(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentSpec(StaticModel):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossSpec(ComponentSpec):
+    weight: float = Field(1.0, ge=0)
+
+
+class FromTeacher(StaticModel):
+    """Initialise the student from these teacher layers (DistilBERT-style)."""
+
+    layers: list[NonNegativeInt] = Field(min_length=1)
+
+
+class StudentSpec(StaticModel):
+    """Exactly one of `model` (a local folder), `config` (build fresh) or `from_teacher`."""
+
+    model: str | None = None
+    config: dict[str, Any] | str | None = None
+    from_teacher: FromTeacher | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _exactly_one_source(self) -> "StudentSpec":
+        given = [k for k in ("model", "config", "from_teacher") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of model, config, from_teacher (got {', '.join(given) or 'none'})")
+        return self
+
+
+class TrainSpec(StaticModel):
+    steps: PositiveInt
+    lr: PositiveFloat = 3e-4
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    grad_clip: PositiveFloat | None = 1.0
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eval_every: NonNegativeInt = 0
+    save_every: NonNegativeInt = 0
+    keep_checkpoints: PositiveInt = 2
+    log_every: PositiveInt = 1
+    eval_batch_size: PositiveInt | None = None
+    seed: int = 0
+    num_threads: PositiveInt | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    best_metric: str | None = Field(None, description="metric to keep the best checkpoint by (lower is better); "
+                                    "default val/student_loss when an evaluator reports it")
+
+
+class DistributedSpec(StaticModel):
+    """Multi-device settings. Only `none` exists until the DeepSpeed backend lands."""
+
+    backend: Literal["none"] = "none"
+
+
+class Recipe(StaticModel):
+    student: StudentSpec
+    teacher: ComponentSpec | None = None
+    strategy: ComponentSpec = ComponentSpec(name="offline")
+    data: ComponentSpec
+    losses: list[LossSpec] = Field(default_factory=list)
+    layer_mapper: ComponentSpec | None = None
+    scheduler: ComponentSpec = ComponentSpec(name="constant")
+    evaluators: list[ComponentSpec] = Field(default_factory=list)
+    tracker: ComponentSpec = ComponentSpec(name="mlflow")
+    train: TrainSpec
+    output_dir: str
+    run_name: str | None = None
+    distributed: DistributedSpec = DistributedSpec()
+
+
+# slot in the recipe -> (component kind, a list of components?)
+SLOTS: dict[str, tuple[str, bool]] = {
+    "teacher": ("teacher", False),
+    "strategy": ("strategy", False),
+    "data": ("data_source", False),
+    "losses": ("loss", True),
+    "layer_mapper": ("layer_mapper", False),
+    "scheduler": ("scheduler", False),
+    "evaluators": ("evaluator", True),
+    "tracker": ("tracker", False),
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One component of a recipe: its registry entry, validated options and (for losses) weight."""
+
+    path: str
+    entry: Entry
+    options: Any
+    weight: float = 1.0
+
+    def build(self) -> Component:
+        return self.entry.cls(self.options)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated recipe with every named component looked up."""
+
+    recipe: Recipe
+    raw: dict[str, Any]
+    components: dict[str, list[Resolved]]
+
+    def one(self, slot: str) -> Resolved | None:
+        items = self.components.get(slot) or []
+        return items[0] if items else None
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe loader that reads `1e-4` as a float (YAML 1.1 says string) and refuses duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, source: str = "<recipe>") -> Any:
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a recipe file and apply `dotted.key=value` overrides; returns the raw mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such recipe file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the recipe: {exc.__class__.__name__}") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, not {type(raw).__name__}")
+    return apply_overrides(raw, overrides)
+
+
+_KEY_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _split_key(key: str) -> list[str | int]:
+    parts: list[str | int] = []
+    pos = 0
+    for match in _KEY_TOKEN.finditer(key):
+        gap = key[pos:match.start()]
+        if gap not in ("", "."):
+            raise ConfigError(f"--set {key}: cannot parse the key")
+        parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
+        pos = match.end()
+    if not parts or pos != len(key):
+        raise ConfigError(f"--set {key}: cannot parse the key")
+    return parts
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `losses[0].options.temperature=3` style overrides; values are parsed as YAML."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        parts = _split_key(key.strip())
+        value = parse_yaml(text, f"--set {key}")
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise ConfigError(f"--set {key}: index [{part}] is out of range")
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not inside a mapping")
+            elif part not in node or node[part] is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise ConfigError(f"--set {key}: index [{last}] is out of range")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{last}' is not inside a mapping")
+        node[last] = value
+    return raw
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def dotted(loc: tuple[Any, ...] | list[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "recipe"
+
+
+def _describe(error: dict[str, Any], prefix: tuple[Any, ...], fields: list[str]) -> str:
+    loc = prefix + tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        name = str(error["loc"][-1]) if error["loc"] else ""
+        msg = "unknown field"
+        close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+        if close:
+            msg += f"; did you mean '{close[0]}'?"
+        if fields:
+            msg += f" Known: {', '.join(fields)}"
+        return f"{dotted(loc)}: {msg}"
+    if error["type"] == "missing":
+        return f"{dotted(loc)}: required field is missing"
+    return f"{dotted(loc)}: {error['msg']} (got {error.get('input')!r})" if "input" in error and not isinstance(error.get("input"), dict) else f"{dotted(loc)}: {error['msg']}"
+
+
+def _model_fields(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) static model at `loc`, for 'did you mean' hints."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        for a in list(candidates):
+            candidates += [x for x in getattr(a, "__args__", ()) if isinstance(x, type)]
+        nested = [a for a in candidates if isinstance(a, type) and issubclass(a, pydantic.BaseModel)]
+        if not nested:
+            return []
+        current = nested[0]
+    return list(getattr(current, "model_fields", {}))
+
+
+def resolve(raw: Any, registry: Registry) -> Plan:
+    """Validate a raw recipe against the schema and the installed components; all problems at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe: must be a mapping of sections, not {type(raw).__name__}")
+    problems: list[str] = []
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            if len(loc) >= 2 and loc[0] in SLOTS and "options" in loc:
+                continue  # options are checked against the component's own model below
+            fields = _model_fields(Recipe, loc[:-1]) if err["type"] == "extra_forbidden" else []
+            problems.append(_describe(err, (), fields))
+
+    components: dict[str, list[Resolved]] = {}
+    for slot, (kind, many) in SLOTS.items():
+        value = raw.get(slot, None)
+        if slot not in raw:
+            default = Recipe.model_fields[slot].get_default(call_default_factory=True)
+            value = default.model_dump() if isinstance(default, pydantic.BaseModel) else default
+        if value is None:
+            continue
+        items = value if many else [value]
+        if many and not isinstance(value, list):
+            continue  # the static check reported it
+        resolved: list[Resolved] = []
+        for i, item in enumerate(items):
+            path = f"{slot}[{i}]" if many else slot
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                continue  # reported by the static check
+            entry = registry.find(kind, item["name"])
+            if entry is None:
+                problems.append(f"{path}.name: {registry.unknown_message(kind, item['name'])}")
+                continue
+            opts = item.get("options") or {}
+            if not isinstance(opts, dict):
+                continue  # reported by the static check
+            try:
+                options = entry.cls.Options.model_validate(opts)
+            except pydantic.ValidationError as exc:
+                fields = list(entry.cls.Options.model_fields)
+                for err in exc.errors():
+                    problems.append(f"{_describe(err, (slot, i, 'options') if many else (slot, 'options'), fields)} [{kind.replace('_', ' ')} '{entry.name}' from {entry.source}]")
+                continue
+            weight = item.get("weight", 1.0)
+            resolved.append(Resolved(path, entry, options, float(weight) if isinstance(weight, (int, float)) else 1.0))
+        components[slot] = resolved
+
+    if recipe is not None and not problems:
+        problems += _cross_checks(recipe, components)
+    if problems:
+        raise ConfigError(problems)
+    assert recipe is not None
+    return Plan(recipe=recipe, raw=copy.deepcopy(raw), components=components)
+
+
+def _cross_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list[str]:
+    problems = []
+    strategy = components["strategy"][0]
+    has_teacher = bool(components.get("teacher"))
+    if strategy.entry.cls.needs_teacher and not has_teacher:
+        problems.append(f"teacher: strategy '{strategy.entry.name}' needs a teacher; add a teacher section")
+    for item in components.get("losses", []):
+        if item.entry.cls.needs_teacher and not has_teacher and strategy.entry.cls.needs_teacher:
+            problems.append(f"{item.path}.name: loss '{item.entry.name}' needs a teacher")
+    if not components.get("losses"):
+        problems.append("losses: give at least one loss")
+    best = recipe.train.best_metric
+    if best is not None and not any(best in e.entry.cls.provides for e in components.get("evaluators", [])):
+        problems.append(f"train.best_metric: no evaluator of this recipe reports '{best}'")
+    if recipe.student.from_teacher is not None and not has_teacher:
+        problems.append("student.from_teacher: needs a teacher section to copy layers from")
+    return problems

@@ -1,0 +1,306 @@
+"""The training loop: steps, accumulation, clipping, evaluation, checkpoints, metrics, progress.
+
+The engine knows no technique by name: it builds the components a recipe names and calls them.
+Losses return sums over counted positions; the engine divides by the number of counted positions
+in the whole optimizer step, so accumulation over micro-batches equals one larger batch exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+from kdistill.__about__ import __version__
+from kdistill.core import checkpoint as ckpt
+from kdistill.core.components import EvalContext, Needs, TrainContext
+from kdistill.core.config import Plan, apply_overrides, load_recipe, resolve
+from kdistill.core.errors import KdistillError
+from kdistill.core.models import build_student
+from kdistill.core.plugins import KdPluginManager, make_plugin_manager
+from kdistill.core.registry import Registry
+from kdistill.core.runtime import pick_device, seed_everything
+
+log = logging.getLogger("kdistill")
+
+# recipe fields whose change alters a resumed run's result
+RESULT_FIELDS = ("student", "teacher", "strategy", "data", "losses", "layer_mapper", "scheduler", "train.steps",
+                 "train.lr", "train.batch_size", "train.grad_accum", "train.grad_clip", "train.weight_decay",
+                 "train.betas", "train.seed")
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple)) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: value}
+
+
+def _quiet_libraries() -> None:
+    """transformers' and MLflow's own progress bars and INFO lines would drown ours."""
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class Engine:
+    def __init__(self, plan: Plan, pm: KdPluginManager, registry: Registry):
+        self.plan, self.pm, self.registry = plan, pm, registry
+        self.recipe = plan.recipe
+        self.out = Path(self.recipe.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.console = _console()
+        _quiet_libraries()
+
+    # ------------------------------------------------------------------ preparation
+
+    def _check_output_dir(self, resume: bool, overwrite: bool) -> Path | None:
+        if resume and overwrite:
+            raise KdistillError("--resume and --overwrite exclude each other")
+        existing = ckpt.list_checkpoints(self.ckpt_root)
+        if resume:
+            latest, skipped = ckpt.latest_complete(self.ckpt_root)
+            for path, reason in skipped:
+                warnings.warn(f"skipping incomplete checkpoint {path}: {reason}", stacklevel=2)
+            if latest is None:
+                raise KdistillError(f"--resume: no complete checkpoint under {self.ckpt_root}")
+            return latest
+        if existing and not overwrite:
+            raise KdistillError(f"output_dir: {self.out} already holds checkpoints; pass --resume to continue or --overwrite to start over")
+        if overwrite:
+            for name in ("checkpoints", "best", "final"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+            for name in ("mlflow_run.json", "metrics.jsonl", "summary.json"):
+                (self.out / name).unlink(missing_ok=True)
+        return None
+
+    def _build(self) -> None:
+        recipe, plan = self.recipe, self.plan
+        self.device = pick_device(recipe.train.device)
+        seed_everything(recipe.train.seed)
+        if recipe.train.num_threads:
+            torch.set_num_threads(recipe.train.num_threads)
+        self.teacher = plan.one("teacher").build() if plan.one("teacher") else None
+        if self.teacher is not None:
+            with self.console.status("loading the teacher"):
+                self.teacher.load(self.device)
+        self.student, self.tokenizer = build_student(recipe.student, self.teacher.model if self.teacher else None,
+                                                     self.teacher.tokenizer if self.teacher else None)
+        self.student.to(self.device)
+        self.student.train()
+        self.data = plan.one("data").build()
+        with self.console.status("reading and tokenizing the data"):
+            self.data.setup(self.tokenizer, recipe.train.seed)
+        self.losses = [(item.entry.name, item.weight, item.build()) for item in plan.components["losses"]]
+        self.scheduler = plan.one("scheduler").build()
+        self.evaluators = [item.build() for item in plan.components.get("evaluators", [])]
+        self.tracker = plan.one("tracker").build()
+        self.strategy = plan.one("strategy").build()
+        self.context = TrainContext(student=self.student, teacher=self.teacher, losses=self.losses, needs=Needs())
+        self.strategy.setup(self.context)
+        self.modules = dict(self.strategy.trainable())
+        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        t = recipe.train
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.best_metric = t.best_metric
+        if self.best_metric is None and any("val/student_loss" in e.provides for e in self.evaluators):
+            self.best_metric = "val/student_loss"
+
+    def _val_batches(self):
+        size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
+        return (b.to(self.device) for b in self.data.val_batches(size))
+
+    def evaluate(self) -> dict[str, float]:
+        context = EvalContext(student=self.student, teacher=self.teacher, val_batches=self._val_batches,
+                              tokenizer=self.tokenizer, device=self.device)
+        metrics: dict[str, float] = {}
+        for evaluator in self.evaluators:
+            metrics.update(evaluator.evaluate(context))
+        return metrics
+
+    def _state(self, step: int, best: float | None, before: dict[str, float]) -> dict[str, Any]:
+        return {"step": step, "data_index": step * self.recipe.train.grad_accum, "best": best, "before": before,
+                "data_fingerprint": self.data.fingerprint(), "result_fields": self._result_fields(),
+                "kdistill_version": __version__}
+
+    def _result_fields(self) -> dict[str, Any]:
+        flat = flatten(self.recipe.model_dump(mode="json"))
+        return {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in RESULT_FIELDS)}
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        start_from = self._check_output_dir(resume, overwrite)
+        self._build()
+        t = self.recipe.train
+        step, best, before = 0, None, {}
+        if start_from is not None:
+            state = ckpt.load_checkpoint(start_from, self.modules, self.optimizer)
+            self._check_resume_state(state, start_from)
+            step, best, before = state["step"], state["best"], state.get("before", {})
+            self.console.print(f"resuming from {start_from} (step {step})")
+        self.out.mkdir(parents=True, exist_ok=True)
+        resolved_yaml = yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+        (self.out / "recipe.yaml").write_text(resolved_yaml)
+        plugins_file = self.out / "plugins.json"
+        plugins_file.write_text(json.dumps([{"kind": e.kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution,
+                                             "version": e.version} for e in self.registry], indent=1))
+        run_name = self.recipe.run_name or self.out.name
+        self.tracker.start(run_name, flatten(self.recipe.model_dump(mode="json")), str(self.out))
+        if start_from is None:
+            self.tracker.log_artifact(str(self.out / "recipe.yaml"))
+            self.tracker.log_artifact(str(plugins_file))
+        self.pm.hook.kd_run_started(recipe=self.recipe.model_dump(mode="json"), output_dir=str(self.out))
+        status = "FAILED"
+        try:
+            if step == 0 and self.evaluators:
+                with self.console.status("evaluating before training"):
+                    before = self.evaluate()
+                self.tracker.log_metrics(before, step=0)
+            last = self._loop(step, best, before)
+            status = "FINISHED"
+            return self._finish(before, last)
+        finally:
+            self.tracker.finish(status)
+            self.pm.hook.kd_run_finished(output_dir=str(self.out), metrics={}, status=status)
+
+    def _check_resume_state(self, state: Mapping[str, Any], path: Path) -> None:
+        saved = state.get("result_fields", {})
+        now = self._result_fields()
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if differ:
+            raise KdistillError(f"--resume: the recipe differs from {path} in {', '.join(differ)}")
+        if state.get("data_fingerprint") != self.data.fingerprint():
+            raise KdistillError(f"--resume: the data differs from the data of {path} (fingerprint {state.get('data_fingerprint')} != {self.data.fingerprint()})")
+
+    def _loop(self, step: int, best: float | None, before: dict[str, float]) -> dict[str, float]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        t = self.recipe.train
+        last: dict[str, float] = {}
+        progress = Progress(TextColumn("[bold]distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn(), console=self.console, transient=False)
+        with progress:
+            task = progress.add_task("train", total=t.steps, completed=step, info="")
+            while step < t.steps:
+                began = time.perf_counter()
+                metrics = self._step(step)
+                step += 1
+                elapsed = time.perf_counter() - began
+                metrics["train/tokens_per_s"] = metrics.pop("_tokens") / elapsed
+                metrics["train/step_s"] = elapsed
+                if step % t.log_every == 0 or step == t.steps:
+                    self.tracker.log_metrics(metrics, step=step)
+                last.update(metrics)
+                evaluated = t.eval_every and (step % t.eval_every == 0 or step == t.steps) and self.evaluators
+                if evaluated:
+                    val = self.evaluate()
+                    self.tracker.log_metrics(val, step=step)
+                    last.update(val)
+                    if self.best_metric and self.best_metric in val and (best is None or val[self.best_metric] < best):
+                        best = val[self.best_metric]
+                        ckpt.atomic_save_pretrained(self.student, self.tokenizer, self.out / "best")
+                if t.save_every and (step % t.save_every == 0 or step == t.steps):
+                    ckpt.save_checkpoint(self.ckpt_root, step, self.modules, self.optimizer,
+                                         self._state(step, best, before), t.keep_checkpoints)
+                self.pm.hook.kd_step_finished(step=step, metrics=dict(metrics))
+                progress.update(task, completed=step, info=f"loss {metrics['train/loss']:.3f}  {metrics['train/tokens_per_s']:.0f} tok/s")
+        if not (t.eval_every and self.evaluators) and self.evaluators:
+            val = self.evaluate()
+            self.tracker.log_metrics(val, step=step)
+            last.update(val)
+        self._best = best
+        return last
+
+    def _step(self, step: int) -> dict[str, float]:
+        t = self.recipe.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = t.lr * self.scheduler(step, t.steps)
+        batches = [self.data.train_batch(step * t.grad_accum + j, t.batch_size).to(self.device) for j in range(t.grad_accum)]
+        counted = sum(int(b.mask.sum()) for b in batches)
+        self.context.total_tokens = max(counted, 1)
+        total = 0.0
+        terms: dict[str, float] = {}
+        for batch in batches:
+            loss, parts = self.strategy.loss(batch)
+            loss = loss / self.context.total_tokens
+            if not torch.isfinite(loss):
+                raise KdistillError(f"step {step + 1}: the loss is {loss.item()}; stopping before it reaches the weights (last checkpoint kept)")
+            loss.backward()
+            total += loss.item()
+            for name, value in parts.items():
+                terms[f"train/{name}"] = terms.get(f"train/{name}", 0.0) + value.item() / self.context.total_tokens
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        metrics = {"train/loss": total, "train/lr": self.optimizer.param_groups[0]["lr"], **terms, "_tokens": counted}
+        if t.grad_clip is not None:
+            metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    def _finish(self, before: dict[str, float], last: dict[str, float]) -> dict[str, Any]:
+        final = self.out / "final"
+        ckpt.atomic_save_pretrained(self.student, self.tokenizer, final)
+        self.tracker.log_artifact(str(final), "model")
+        summary = {"output_dir": str(self.out), "final_model": str(final), "before": before, "after": last,
+                   "best": getattr(self, "_best", None), "best_metric": self.best_metric}
+        for name in ("run_id", "tracking_uri"):
+            if getattr(self.tracker, name, None):
+                summary[f"mlflow_{name}"] = getattr(self.tracker, name)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, summary: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        table = Table(title="kdistill run")
+        table.add_column("metric")
+        table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
+        keys = [k for k in summary["after"] if k.startswith("val/")] or [k for k in summary["after"] if k.startswith("train/")]
+        for key in keys:
+            b = summary["before"].get(key)
+            table.add_row(key, "" if b is None else f"{b:.4g}", f"{summary['after'][key]:.4g}")
+        self.console.print(table)
+        self.console.print(f"final student: {summary['final_model']}  (AutoModelForCausalLM.from_pretrained loads it)")
+        if "mlflow_tracking_uri" in summary:
+            self.console.print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}; "
+                               f"see it with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+
+
+def run_recipe(recipe: str | Path | Mapping[str, Any], overrides=(), resume: bool = False, overwrite: bool = False,
+               pm: KdPluginManager | None = None) -> dict[str, Any]:
+    pm = pm if pm is not None else make_plugin_manager()
+    registry = Registry.from_plugins(pm)
+    raw = load_recipe(recipe, overrides) if isinstance(recipe, (str, Path)) else apply_overrides(dict(recipe), list(overrides))
+    plan = resolve(raw, registry)
+    return Engine(plan, pm, registry).run(resume=resume, overwrite=overwrite)

@@ -1,0 +1,141 @@
+"""Loading Hugging Face causal LMs from local paths only, and building the student.
+
+Never reaches a network (`local_files_only`), reads safetensors weights only, and leaves
+`trust_remote_code` off unless the recipe turns it on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.core.errors import ConfigError
+from kdistill.core.paths import resolve_path
+
+log = logging.getLogger("kdistill")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _split_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
+    if gguf_file is None and path.suffix == ".gguf":
+        return path.parent, path.name
+    return path, gguf_file
+
+
+def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtype: str = "float32",
+                   trust_remote_code: bool = False) -> nn.Module:
+    """A local folder (safetensors) or a GGUF file, dequantized and cast to `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf_file = _split_gguf(resolve_path(model, field), gguf_file)
+    target = path / gguf_file if gguf_file else path
+    if not target.exists():
+        raise ConfigError(f"{field}: no such file or folder: {target}")
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+        kwargs["dtype"] = DTYPES[dtype]
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{field}: cannot load a model from {target}: {str(exc).splitlines()[0]}") from None
+    if gguf_file:
+        # the weights are already dequantized; the quantizer would only block dtype casts and saving
+        loaded.hf_quantizer = None
+        if hasattr(loaded.config, "quantization_config"):
+            del loaded.config.quantization_config
+        loaded = loaded.to(DTYPES[dtype])
+    return loaded
+
+
+def load_tokenizer(model: str, field: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path, gguf_file = _split_gguf(resolve_path(model, field), gguf_file)
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{field}: cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks (`model.layers`, `transformer.h`, ...) and its name."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name, module
+    raise ConfigError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+def student_from_teacher(teacher: nn.Module, layers: list[int], dtype: str) -> nn.Module:
+    """A shallower copy of the teacher keeping `layers` (in order), embeddings and head included."""
+    from transformers import AutoModelForCausalLM
+
+    n_teacher = teacher.config.num_hidden_layers
+    bad = [i for i in layers if i >= n_teacher]
+    if bad:
+        raise ConfigError(f"student.from_teacher.layers: {bad} out of range; the teacher has layers 0-{n_teacher - 1}")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    for attr in ("layer_types", "quantization_config"):
+        if hasattr(config, attr):
+            if attr == "layer_types" and config.layer_types is not None:
+                config.layer_types = [config.layer_types[i] for i in layers]
+            elif attr == "quantization_config":
+                del config.quantization_config
+    student = AutoModelForCausalLM.from_config(config)
+    prefix, _ = decoder_layers(teacher)
+    source = teacher.state_dict()
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    state = {}
+    for key in student.state_dict():
+        match = pattern.match(key)
+        src_key = f"{prefix}.{layers[int(match.group(1))]}.{match.group(2)}" if match else key
+        state[key] = source[src_key].detach().clone()
+    student.load_state_dict(state)
+    return student.to(DTYPES[dtype])
+
+
+def build_student(spec, teacher_model: nn.Module | None, teacher_tokenizer):
+    """The student model and its tokenizer, from the recipe's `student` section."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.model is not None:
+        model = load_causal_lm(spec.model, "student.model", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+        tokenizer = load_tokenizer(spec.tokenizer or spec.model, "student.tokenizer" if spec.tokenizer else "student.model",
+                                   trust_remote_code=spec.trust_remote_code)
+        return model, tokenizer
+    if spec.from_teacher is not None:
+        model = student_from_teacher(teacher_model, spec.from_teacher.layers, spec.dtype)
+    else:
+        if isinstance(spec.config, dict):
+            cfg = dict(spec.config)
+            model_type = cfg.pop("model_type", None)
+            if model_type is None:
+                raise ConfigError("student.config.model_type: required to build a model from a config")
+            config = AutoConfig.for_model(model_type, **cfg)
+        else:
+            path = resolve_path(spec.config, "student.config")
+            if not path.exists():
+                raise ConfigError(f"student.config: no such file or folder: {path}")
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config).to(DTYPES[spec.dtype])
+    if spec.tokenizer is not None:
+        tokenizer = load_tokenizer(spec.tokenizer, "student.tokenizer", trust_remote_code=spec.trust_remote_code)
+    elif teacher_tokenizer is not None:
+        tokenizer = teacher_tokenizer
+    else:
+        raise ConfigError("student.tokenizer: required when the student is built from a config and there is no teacher")
+    return model, tokenizer

@@ -1,0 +1,89 @@
+"""An immutable name -> class mapping per component kind, each entry tied to its plugin."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Iterator, Mapping
+
+from kdistill.core.components import KINDS, Component
+from kdistill.core.errors import RegistryError
+from kdistill.core.plugins import KdPluginManager, make_plugin_manager
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    name: str
+    cls: type[Component]
+    plugin: str
+    distribution: str
+    version: str
+
+    @property
+    def source(self) -> str:
+        return f"plugin '{self.plugin}' ({self.distribution} {self.version})".replace(" )", ")")
+
+
+class Registry:
+    """Read-only view of the installed components. Build it with `Registry.from_plugins`."""
+
+    def __init__(self, entries: Mapping[str, Mapping[str, Entry]], failures: Mapping[str, str] | None = None):
+        self._entries = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in entries.items()})
+        self.failures = MappingProxyType(dict(failures or {}))
+
+    @classmethod
+    def from_plugins(cls, pm: KdPluginManager | None = None) -> "Registry":
+        pm = pm if pm is not None else make_plugin_manager()
+        entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        problems: list[str] = []
+        for kind, (hook_name, base) in KINDS.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                dist, version = pm.distributions.get(impl.plugin_name, ("(in-process)", ""))
+                for component in impl.function() or ():
+                    where = f"plugin '{impl.plugin_name}'"
+                    if not (isinstance(component, type) and issubclass(component, base)):
+                        problems.append(f"{where}: {hook_name} returned {component!r}, not a subclass of {base.__name__}")
+                        continue
+                    name = getattr(component, "name", None)
+                    if not isinstance(name, str) or not name:
+                        problems.append(f"{where}: {component.__qualname__} declares no `name`")
+                        continue
+                    entry = Entry(kind, name, component, impl.plugin_name, dist, version)
+                    if name in entries[kind]:
+                        other = entries[kind][name]
+                        problems.append(f"{kind} '{name}' is provided twice: by {other.source} and by {entry.source}")
+                        continue
+                    entries[kind][name] = entry
+        if problems:
+            raise RegistryError(problems)
+        return cls(entries, pm.failures)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._entries[kind])
+
+    def __iter__(self) -> Iterator[Entry]:
+        for kind in KINDS:
+            for name in sorted(self._entries[kind]):
+                yield self._entries[kind][name]
+
+    def find(self, kind: str, name: str) -> Entry | None:
+        return self._entries[kind].get(name)
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        installed = self.names(kind)
+        close = difflib.get_close_matches(name, installed, n=3, cutoff=0.5)
+        msg = f"unknown {kind.replace('_', ' ')} '{name}'"
+        if close:
+            msg += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        msg += f" Installed: {', '.join(installed) if installed else '(none)'}"
+        if self.failures:
+            msg += "; plugins that failed to import: " + "; ".join(self.failures.values())
+        return msg
+
+    def get(self, kind: str, name: str) -> Entry:
+        entry = self.find(kind, name)
+        if entry is None:
+            raise RegistryError(self.unknown_message(kind, name))
+        return entry

@@ -1,0 +1,44 @@
+"""A frozen Hugging Face causal LM from a local folder or GGUF file."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+import kdistill
+from kdistill.core.models import load_causal_lm, load_tokenizer
+
+
+class HFTeacher(kdistill.TeacherProvider):
+    """A local Hugging Face model (safetensors folder or GGUF file), frozen, in the recipe's dtype."""
+
+    name = "hf"
+
+    class Options(kdistill.Options):
+        model: str = Field(description="local folder, .gguf file, or pkg://PACKAGE/PATH")
+        gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a folder)")
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+        trust_remote_code: bool = False
+
+    def load(self, device: torch.device) -> None:
+        o = self.options
+        self.model = load_causal_lm(o.model, "teacher.options.model", gguf_file=o.gguf_file, dtype=o.dtype,
+                                    trust_remote_code=o.trust_remote_code).to(device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = load_tokenizer(o.model, "teacher.options.model", gguf_file=o.gguf_file,
+                                        trust_remote_code=o.trust_remote_code)
+
+    def outputs(self, batch: kdistill.Batch, needs: kdistill.Needs) -> kdistill.ModelOutputs:
+        # no_grad rather than inference_mode: inference tensors may not be saved by the student's
+        # autograd graph, and the losses combine the two.
+        with torch.no_grad():
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return kdistill.ModelOutputs(logits=out.logits)
+
+
+@kdistill.hookimpl
+def kd_register_teachers():
+    return [HFTeacher]

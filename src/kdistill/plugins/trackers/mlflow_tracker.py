@@ -1,0 +1,99 @@
+"""MLflow tracking; with no tracking URI, a local SQLite store in the working folder (no server).
+
+If MLflow fails (a server that is down, a full disk), training goes on: one warning, and from
+then on metrics go to `<output_dir>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import kdistill
+from kdistill.plugins.trackers.jsonl import JsonlTracker
+
+_RUN_ID_FILE = "mlflow_run.json"
+
+
+class MlflowTracker(kdistill.Tracker):
+    """Logs params, metrics with steps, artifacts and the final model to MLflow."""
+
+    name = "mlflow"
+
+    class Options(kdistill.Options):
+        experiment: str = "kdistill"
+        tracking_uri: str | None = None
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        if self._fallback is None:
+            warnings.warn(f"MLflow tracking failed ({what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                          f"training goes on and metrics go to {Path(self._output_dir) / 'metrics.jsonl'}", stacklevel=3)
+            self._fallback = JsonlTracker()
+            self._fallback.start(self._run_name, self._params, self._output_dir)
+            self._active = False
+
+    def start(self, run_name, params, output_dir):
+        self._fallback = None
+        self._active = False
+        self._run_name, self._params, self._output_dir = run_name, dict(params), output_dir
+        # fail fast against an unreachable server instead of retrying for minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        try:
+            import mlflow
+
+            self._mlflow = mlflow
+            uri = self.options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_experiment(self.options.experiment)
+            id_file = Path(output_dir) / _RUN_ID_FILE
+            previous = json.loads(id_file.read_text())["run_id"] if id_file.exists() else None
+            if previous:
+                run = mlflow.start_run(run_id=previous)
+            else:
+                run = mlflow.start_run(run_name=run_name)
+                mlflow.log_params({k: str(v)[:6000] for k, v in self._params.items()})
+                Path(output_dir).mkdir(parents=True, exist_ok=True)
+                id_file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+            self.run_id = run.info.run_id
+            self.tracking_uri = uri
+            self._active = True
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+            self._fail("start", exc)
+
+    def log_metrics(self, metrics, step):
+        if self._fallback is not None:
+            return self._fallback.log_metrics(metrics, step)
+        try:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("log_metrics", exc)
+            self._fallback.log_metrics(metrics, step)
+
+    def log_artifact(self, path, artifact_path=None):
+        if self._fallback is not None:
+            return self._fallback.log_artifact(path, artifact_path)
+        try:
+            if Path(path).is_dir():
+                self._mlflow.log_artifacts(path, artifact_path=artifact_path)
+            else:
+                self._mlflow.log_artifact(path, artifact_path=artifact_path)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("log_artifact", exc)
+            self._fallback.log_artifact(path, artifact_path)
+
+    def finish(self, status="FINISHED"):
+        if self._fallback is not None:
+            return self._fallback.finish(status)
+        try:
+            self._mlflow.end_run(status=status)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("finish", exc)
+
+
+@kdistill.hookimpl
+def kd_register_trackers():
+    return [MlflowTracker]
