@@ -73,7 +73,7 @@ class Registry:
 
     def unknown_message(self, kind: str, name: str) -> str:
         installed = self.names(kind)
-        close = difflib.get_close_matches(name, installed, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, installed, n=3, cutoff=0.6)
         msg = f"unknown {kind.replace('_', ' ')} '{name}'"
         if close:
             msg += f"; did you mean {', '.join(repr(c) for c in close)}?"

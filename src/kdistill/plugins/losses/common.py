@@ -7,6 +7,11 @@ import torch
 from kdistill.core.components import Batch, ModelOutputs
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32; float32 and float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def counted_logits(student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
     """Student and teacher logits of the positions that count, as float32 [N, V].
 
@@ -14,10 +19,10 @@ def counted_logits(student: ModelOutputs, teacher: ModelOutputs | None, batch: B
     upcast. Vocabularies padded to different sizes are cut to the shared leading tokens.
     """
     mask = batch.mask
-    s = student.logits[mask].float()
+    s = upcast(student.logits[mask])
     if teacher is None:
         return s, None
-    t = teacher.logits[mask].float()
+    t = upcast(teacher.logits[mask])
     if s.shape[-1] != t.shape[-1]:
         shared = min(s.shape[-1], t.shape[-1])
         s, t = s[..., :shared], t[..., :shared]

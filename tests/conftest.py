@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny tokenizer, teacher and corpus built locally (no network, no downloads)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+WORDS = ("the king queen lord lady speak shall will not thou thee my our good night day love war peace "
+         "sword crown house come go stay fly rest sleep dream of and to in with for but is was").split()
+
+
+def make_text(n_lines: int = 400, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + ".")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A byte-level BPE tokenizer, a 4-layer Llama teacher (safetensors) and a text file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import torch
+
+    root = tmp_path_factory.mktemp("tiny")
+    text = make_text()
+    corpus = root / "corpus.txt"
+    corpus.write_text(text)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
+    teacher = LlamaForCausalLM(config)
+    teacher_dir = root / "teacher"
+    teacher.save_pretrained(teacher_dir, safe_serialization=True)
+    fast.save_pretrained(teacher_dir)
+    return {"root": root, "teacher": str(teacher_dir), "corpus": str(corpus)}
+
+
+def tiny_recipe(assets, output_dir, **train) -> dict:
+    recipe = {
+        "student": {"from_teacher": {"layers": [0, 3]}},
+        "teacher": {"name": "hf", "options": {"model": assets["teacher"]}},
+        "data": {"name": "text-files", "options": {"paths": [assets["corpus"]], "seq_len": 32, "val_fraction": 0.1,
+                                                    "max_val_blocks": 4}},
+        "losses": [{"name": "forward-kl", "weight": 0.5, "options": {"temperature": 2.0}},
+                   {"name": "cross-entropy", "weight": 0.5}],
+        "scheduler": {"name": "cosine-warmup", "options": {"warmup_steps": 2}},
+        "evaluators": [{"name": "perplexity"}],
+        "tracker": {"name": "jsonl"},
+        "train": {"steps": 6, "lr": 1e-3, "batch_size": 4, "seed": 0, "num_threads": 1, **train},
+        "output_dir": str(output_dir),
+    }
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def recipe_factory(tiny_assets, tmp_path):
+    def make(**train):
+        return tiny_recipe(tiny_assets, tmp_path / "run", **train)
+    return make
