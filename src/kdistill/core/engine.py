@@ -166,7 +166,7 @@ class Engine:
             state = ckpt.load_checkpoint(start_from, self.modules, self.optimizer)
             self._check_resume_state(state, start_from)
             step, best, before = state["step"], state["best"], state.get("before", {})
-            self.console.print(f"resuming from {start_from} (step {step})")
+            self.console.print(f"resuming from {start_from} (step {step})", soft_wrap=True)
         self.out.mkdir(parents=True, exist_ok=True)
         resolved_yaml = yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
         (self.out / "recipe.yaml").write_text(resolved_yaml)
@@ -291,10 +291,10 @@ class Engine:
             b = summary["before"].get(key)
             table.add_row(key, "" if b is None else f"{b:.4g}", f"{summary['after'][key]:.4g}")
         self.console.print(table)
-        self.console.print(f"final student: {summary['final_model']}  (AutoModelForCausalLM.from_pretrained loads it)")
+        self.console.print(f"final student: {summary['final_model']}  (AutoModelForCausalLM.from_pretrained loads it)", soft_wrap=True)
         if "mlflow_tracking_uri" in summary:
             self.console.print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}; "
-                               f"see it with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+                               f"see it with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}", soft_wrap=True)
 
 
 def run_recipe(recipe: str | Path | Mapping[str, Any], overrides=(), resume: bool = False, overwrite: bool = False,

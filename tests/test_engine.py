@@ -1,0 +1,190 @@
+"""The engine on tiny models: frozen teacher, accumulation, output-folder rules, saved student."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kdistill
+from kdistill.core.config import resolve
+from kdistill.core.engine import Engine
+from kdistill.core.errors import KdistillError
+from kdistill.core.plugins import make_plugin_manager
+from kdistill.core.registry import Registry
+from kdistill.plugins.mappers.uniform import UniformMapper
+from kdistill.plugins.schedulers.constant import Constant
+from kdistill.plugins.schedulers.cosine_warmup import CosineWarmup
+from kdistill.plugins.schedulers.linear import Linear
+
+
+def engine_for(raw):
+    pm = make_plugin_manager()
+    registry = Registry.from_plugins(pm)
+    return Engine(resolve(raw, registry), pm, registry)
+
+
+def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradients(recipe_factory):
+    engine = engine_for(recipe_factory(steps=3))
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append((module.training, torch.is_grad_enabled()))
+
+    original_build = engine._build
+
+    def build_and_spy():
+        original_build()
+        engine.teacher.model.register_forward_pre_hook(spy, with_kwargs=True)
+        engine.before_weights = {k: v.clone() for k, v in engine.teacher.model.state_dict().items()}
+
+    engine._build = build_and_spy
+    engine.run()
+    assert len(seen) >= 3  # one teacher forward per step, plus evaluation
+    assert all(training is False and grad is False for training, grad in seen)
+    teacher = engine.teacher.model
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, engine.before_weights[k]) for k, v in teacher.state_dict().items())
+    assert engine.student.training  # the student was trained
+    assert not any(p is q for p in engine.student.parameters() for q in teacher.parameters())
+
+
+def test_accumulation_equals_one_larger_batch(recipe_factory, tmp_path):
+    one = recipe_factory(steps=3, batch_size=4, grad_accum=1)
+    two = recipe_factory(steps=3, batch_size=2, grad_accum=2)
+    one["output_dir"], two["output_dir"] = str(tmp_path / "one"), str(tmp_path / "two")
+    engine_for(one).run()
+    engine_for(two).run()
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=2e-6, rtol=1e-5), key
+
+
+def test_final_and_best_students_load_with_transformers(recipe_factory, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    raw = recipe_factory(steps=4, eval_every=2)
+    summary = engine_for(raw).run()
+    out = tmp_path / "run"
+    for name in ("final", "best"):
+        model = AutoModelForCausalLM.from_pretrained(out / name, local_files_only=True)
+        assert model.config.num_hidden_layers == 2
+        AutoTokenizer.from_pretrained(out / name, local_files_only=True)
+        assert not list((out / name).glob("*.bin"))  # safetensors only
+    assert summary["after"]["val/student_loss"] < summary["before"]["val/student_loss"]
+    assert summary["best"] == min(r["metrics"]["val/student_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                                  if "metrics" in r and "val/student_loss" in r["metrics"] and r["step"] > 0)
+
+
+def test_existing_checkpoints_refused_without_resume_or_overwrite(recipe_factory, tmp_path):
+    raw = recipe_factory(steps=2, save_every=1)
+    with pytest.raises(KdistillError) as err:
+        engine_for(raw).run(resume=True)
+    assert str(err.value) == f"--resume: no complete checkpoint under {tmp_path / 'run' / 'checkpoints'}"
+    engine_for(raw).run()
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert before == ["step-00000001", "step-00000002"]
+    with pytest.raises(KdistillError) as err:
+        engine_for(raw).run()
+    assert str(err.value) == (f"output_dir: {tmp_path / 'run'} already holds checkpoints; "
+                              "pass --resume to continue or --overwrite to start over")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    engine_for(raw).run(overwrite=True)
+
+
+def test_resume_refuses_a_changed_recipe(recipe_factory):
+    raw = recipe_factory(steps=2, save_every=1)
+    engine_for(raw).run()
+    raw["train"]["steps"] = 3
+    raw["train"]["lr"] = 0.5
+    with pytest.raises(KdistillError) as err:
+        engine_for(raw).run(resume=True)
+    assert "the recipe differs" in str(err.value) and "train.lr, train.steps" in str(err.value)
+
+
+def test_checkpoint_pruning_keeps_the_newest(recipe_factory, tmp_path):
+    engine_for(recipe_factory(steps=5, save_every=1, keep_checkpoints=2)).run()
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-00000004", "step-00000005"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000005" / "state.json").read_text())
+    assert state["step"] == 5
+
+
+def test_nan_loss_stops_the_run_naming_the_step(recipe_factory, tmp_path):
+    raw = recipe_factory(steps=3, save_every=1)
+    engine = engine_for(raw)
+    original = engine._build
+
+    def poison():
+        original()
+        step_loss = engine.strategy.loss
+        calls = {"n": 0}
+
+        def loss(batch):
+            calls["n"] += 1
+            total, terms = step_loss(batch)
+            return (total * float("nan") if calls["n"] == 2 else total), terms
+        engine.strategy.loss = loss
+
+    engine._build = poison
+    with pytest.raises(KdistillError) as err:
+        engine.run()
+    assert str(err.value) == "step 2: the loss is nan; stopping before it reaches the weights (last checkpoint kept)"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+def test_schedulers_against_hand_computed_values():
+    cos = CosineWarmup(CosineWarmup.Options(warmup_steps=4, min_ratio=0.0))
+    assert [cos(s, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cos(4, 12) == 1.0
+    assert cos(8, 12) == pytest.approx(0.5)  # halfway through the 8 decay steps
+    assert cos(12, 12) == pytest.approx(0.0, abs=1e-12)
+    floor = CosineWarmup(CosineWarmup.Options(warmup_steps=0, min_ratio=0.1))
+    assert floor(5, 10) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    lin = Linear(Linear.Options(warmup_steps=2, min_ratio=0.2))
+    assert [lin(s, 10) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.6, 0.2])
+    assert [Constant(Constant.Options(warmup_steps=2))(s, 5) for s in range(3)] == [0.5, 1.0, 1.0]
+
+
+def test_uniform_mapper_matches_the_design_examples():
+    pairs = dict(UniformMapper().pairs(32, 80))
+    assert (pairs[0], pairs[15], pairs[31]) == (0, 38, 78)
+    assert UniformMapper().pairs(6, 30) == [(0, 0), (1, 5), (2, 10), (3, 15), (4, 20), (5, 25)]
+    assert UniformMapper().pairs(4, 4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+
+
+def test_text_files_are_deterministic_and_split_without_overlap(tiny_assets):
+    from transformers import AutoTokenizer
+
+    from kdistill.plugins.data.text_files import TextFiles
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["teacher"], local_files_only=True)
+    a = TextFiles(TextFiles.Options(paths=[tiny_assets["corpus"]], seq_len=16, val_fraction=0.1))
+    b = TextFiles(TextFiles.Options(paths=[tiny_assets["corpus"]], seq_len=16, val_fraction=0.1))
+    a.setup(tok, seed=3)
+    b.setup(tok, seed=3)
+    assert a.fingerprint() == b.fingerprint()
+    for i in (0, 5, a.n_train):  # the last one wraps into the second epoch
+        x, y = a.train_batch(i, 4), b.train_batch(i, 4)
+        assert torch.equal(x.input_ids, y.input_ids)
+        assert torch.equal(x.labels[:, :-1], x.input_ids[:, 1:])  # labels are the next tokens
+    assert not set(a._val.tolist()) & set(a._train.tolist())
+    epoch = torch.cat([a.train_batch(i, 1).input_ids for i in range(a.n_train)])
+    assert len({tuple(r) for r in epoch.tolist()}) == len({tuple(a._blocks[i, :-1].tolist()) for i in a._train.tolist()})
+    c = TextFiles(TextFiles.Options(paths=[tiny_assets["corpus"]], seq_len=16, val_fraction=0.1))
+    c.setup(tok, seed=4)
+    assert c.fingerprint() != a.fingerprint()
+
+
+def test_missing_teacher_path_is_a_clear_error(recipe_factory, tmp_path):
+    raw = recipe_factory(steps=1)
+    raw["teacher"]["options"]["model"] = str(tmp_path / "nowhere")
+    with pytest.raises(kdistill.ConfigError) as err:
+        engine_for(raw).run()
+    assert str(err.value) == f"teacher.options.model: no such file or folder: {tmp_path / 'nowhere'}"
+    assert not (tmp_path / "run").exists()
