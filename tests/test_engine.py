@@ -188,3 +188,22 @@ def test_missing_teacher_path_is_a_clear_error(recipe_factory, tmp_path):
         engine_for(raw).run()
     assert str(err.value) == f"teacher.options.model: no such file or folder: {tmp_path / 'nowhere'}"
     assert not (tmp_path / "run").exists()
+
+
+def test_student_built_fresh_from_a_config_with_the_teachers_tokenizer(recipe_factory, tmp_path, tiny_assets):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    n_tokens = len(AutoTokenizer.from_pretrained(tiny_assets["teacher"], local_files_only=True))
+    raw = recipe_factory(steps=2)
+    raw["student"] = {"config": {"model_type": "llama", "vocab_size": n_tokens - 1, "hidden_size": 16, "intermediate_size": 32,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                 "max_position_embeddings": 64}}
+    with pytest.raises(kdistill.ConfigError) as err:
+        engine_for(raw).run()
+    assert str(err.value) == (f"student.config.vocab_size: the model has {n_tokens - 1} token embeddings "
+                              f"but the tokenizer has {n_tokens} tokens")
+    raw["student"]["config"]["vocab_size"] = n_tokens + 6  # a padded vocabulary is fine
+    engine_for(raw).run()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final", local_files_only=True)
+    assert model.config.hidden_size == 16 and model.config.vocab_size == n_tokens + 6
+    assert (tmp_path / "run" / "final" / "tokenizer.json").exists()

@@ -35,6 +35,16 @@ def main_callback(version: bool = typer.Option(False, "--version", callback=_ver
     pass
 
 
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "strategies" / "recipes"
+
+
+def recipe_path(value: Path) -> Path:
+    """A recipe file, or the name of a recipe shipped with kdistill (`kdistill recipes` lists them)."""
+    if not value.exists() and value.suffix == "" and len(value.parts) == 1 and (RECIPES_DIR / f"{value}.yaml").is_file():
+        return RECIPES_DIR / f"{value}.yaml"
+    return value
+
+
 def _plan(recipe: Path, overrides: list[str]):
     from kdistill.core.config import load_recipe, resolve
     from kdistill.core.registry import Registry
@@ -44,11 +54,11 @@ def _plan(recipe: Path, overrides: list[str]):
 
 
 @app.command()
-def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a shipped recipe"),
              set_: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Check a recipe against the schema and the installed components; writes nothing."""
     try:
-        plan = _plan(recipe, set_)
+        plan = _plan(recipe_path(recipe), set_)
     except KdistillError as exc:
         _fail(exc)
     names = ", ".join(f"{slot}: {', '.join(r.entry.name for r in items)}" for slot, items in plan.components.items() if items)
@@ -56,7 +66,7 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
 
 @app.command()
-def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
+def run(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a shipped recipe"),
         set_: List[str] = typer.Option([], "--set", help=SET_HELP),
         resume: bool = typer.Option(False, "--resume", help="continue from the latest complete checkpoint"),
         overwrite: bool = typer.Option(False, "--overwrite", help="discard this output folder's checkpoints and models")) -> None:
@@ -64,9 +74,17 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     from kdistill.core.engine import run_recipe
 
     try:
-        run_recipe(recipe, overrides=set_, resume=resume, overwrite=overwrite)
+        run_recipe(recipe_path(recipe), overrides=set_, resume=resume, overwrite=overwrite)
     except KdistillError as exc:
         _fail(exc)
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes shipped with kdistill (run one by name: kdistill run quickstart)."""
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{path.stem:20s} {first}   ({path})")
 
 
 @app.command()

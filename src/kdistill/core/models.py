@@ -116,7 +116,7 @@ def build_student(spec, teacher_model: nn.Module | None, teacher_tokenizer):
         model = load_causal_lm(spec.model, "student.model", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
         tokenizer = load_tokenizer(spec.tokenizer or spec.model, "student.tokenizer" if spec.tokenizer else "student.model",
                                    trust_remote_code=spec.trust_remote_code)
-        return model, tokenizer
+        return _check_vocab(model, tokenizer, "student.model")
     if spec.from_teacher is not None:
         model = student_from_teacher(teacher_model, spec.from_teacher.layers, spec.dtype)
     else:
@@ -138,4 +138,11 @@ def build_student(spec, teacher_model: nn.Module | None, teacher_tokenizer):
         tokenizer = teacher_tokenizer
     else:
         raise ConfigError("student.tokenizer: required when the student is built from a config and there is no teacher")
+    return _check_vocab(model, tokenizer, "student.config.vocab_size" if spec.config is not None else "student")
+
+
+def _check_vocab(model: nn.Module, tokenizer, field: str):
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < len(tokenizer):
+        raise ConfigError(f"{field}: the model has {rows} token embeddings but the tokenizer has {len(tokenizer)} tokens")
     return model, tokenizer
