@@ -38,7 +38,8 @@ def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradients(recipe_factory):
 
     def build_and_spy():
         original_build()
-        engine.teacher.model.register_forward_pre_hook(spy, with_kwargs=True)
+        # the base model runs on both paths (the fused one skips the head)
+        engine.teacher.model.base_model.register_forward_pre_hook(spy, with_kwargs=True)
         engine.before_weights = {k: v.clone() for k, v in engine.teacher.model.state_dict().items()}
 
     engine._build = build_and_spy

@@ -13,11 +13,13 @@ from kdistill.core.components import (
     EvalContext,
     Evaluator,
     LayerMapper,
+    LogitLoss,
     Loss,
     ModelOutputs,
     Needs,
     Options,
     Scheduler,
+    SparseTargets,
     Strategy,
     TeacherProvider,
     Tracker,
@@ -38,7 +40,7 @@ def run(recipe, overrides=(), resume: bool = False, overwrite: bool = False):
 
 __all__ = [
     "IGNORE_INDEX", "Batch", "Component", "ConfigError", "DataSource", "EvalContext", "Evaluator",
-    "KdistillError", "LayerMapper", "Loss", "ModelOutputs", "Needs", "Options", "Plan", "Recipe",
-    "Scheduler", "Strategy", "TeacherProvider", "Tracker", "TrainContext", "__version__", "hookimpl",
+    "KdistillError", "LayerMapper", "LogitLoss", "Loss", "ModelOutputs", "Needs", "Options", "Plan", "Recipe",
+    "Scheduler", "SparseTargets", "Strategy", "TeacherProvider", "Tracker", "TrainContext", "__version__", "hookimpl",
     "load_recipe", "resolve", "resolve_path", "run",
 ]

@@ -59,10 +59,37 @@ class Batch:
 
 
 @dataclass
+class SparseTargets:
+    """A teacher's top-k log-probabilities at `temperature`, their token ids and the tail mass.
+
+    `ids` [..., k] (any integer type), `logprobs` [..., k], `log_tail` [...]: the log of the
+    probability of every token outside the top k (-inf when there is none).
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    log_tail: torch.Tensor
+    temperature: float
+
+    def rows(self, mask: torch.Tensor) -> "SparseTargets":
+        return SparseTargets(self.ids[mask], self.logprobs[mask], self.log_tail[mask], self.temperature)
+
+    def slice(self, start: int, stop: int) -> "SparseTargets":
+        return SparseTargets(self.ids[start:stop], self.logprobs[start:stop], self.log_tail[start:stop], self.temperature)
+
+
+@dataclass
 class ModelOutputs:
-    """What a model said for a batch; only what some component asked for is filled."""
+    """What a model said for a batch; only what some component asked for is filled.
+
+    `final_hidden` and `output_weight` (the last hidden states after the final norm, and the
+    output projection) let the engine compute logit losses in chunks without full logits.
+    """
 
     logits: torch.Tensor | None = None
+    final_hidden: torch.Tensor | None = None
+    output_weight: torch.Tensor | None = None
+    sparse: SparseTargets | None = None
     hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -72,6 +99,7 @@ class Needs:
     """What the losses of a run ask the models for."""
 
     logits: bool = True
+    final_hidden: bool = False
     hidden_layers: tuple[int, ...] = ()
     attention_layers: tuple[int, ...] = ()
 
@@ -102,9 +130,51 @@ class Loss(Component):
 
     kind = "loss"
     needs_teacher: ClassVar[bool] = True
+    needs_logits: ClassVar[bool] = True  # full student logits; False lets the engine skip them
 
     def __call__(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
+
+
+class LogitLoss(Loss):
+    """A loss on the output distributions, defined row by row on float32 logits.
+
+    Subclasses implement `rows(student [N, V], teacher, labels [N]) -> [N]`, where `teacher` is
+    teacher logits [N, V'], a `SparseTargets` of N rows, or None. The engine evaluates `rows` on
+    chunks of positions straight from hidden states (the fused path), so no [tokens x vocabulary]
+    tensor exists at once; `__call__` is the plain path over full logits. Both share `rows`.
+    A subclass may also override `rows_and_grad` with an analytic gradient (faster).
+    """
+
+    supports_sparse: ClassVar[bool] = False
+
+    def rows(self, student: torch.Tensor, teacher: "torch.Tensor | SparseTargets | None", labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows_and_grad(self, student: torch.Tensor, teacher, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row values and d(sum of rows)/d(student logits); by autograd unless overridden."""
+        with torch.enable_grad():
+            leaf = student.detach().requires_grad_(True)
+            values = self.rows(leaf, teacher, labels)
+            (grad,) = torch.autograd.grad(values.sum(), leaf)
+        return values.detach(), grad
+
+    def __call__(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> torch.Tensor:
+        mask = batch.mask
+        s = student.logits[mask]
+        s = s if s.dtype in (torch.float32, torch.float64) else s.float()
+        target = None
+        if self.needs_teacher:
+            if teacher is None:
+                raise ValueError(f"loss '{self.name}' needs a teacher")
+            if teacher.logits is not None:
+                target = teacher.logits[mask]
+                target = target if target.dtype in (torch.float32, torch.float64) else target.float()
+            elif teacher.sparse is not None:
+                target = teacher.sparse.rows(mask)
+            else:
+                raise ValueError(f"loss '{self.name}' needs teacher logits or top-k targets")
+        return self.rows(s, target, batch.labels[mask]).sum()
 
 
 class LayerMapper(Component):

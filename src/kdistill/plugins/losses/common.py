@@ -1,10 +1,18 @@
-"""Helpers shared by the logit losses."""
+"""Helpers shared by the logit losses: shared vocabulary, log-probabilities, sparse bins, divergences."""
 
 from __future__ import annotations
 
-import torch
+import math
 
-from kdistill.core.components import Batch, ModelOutputs
+import torch
+from pydantic import Field
+
+import kdistill
+from kdistill.core.components import SparseTargets
+
+# Log-probabilities below this count as this: a -inf logit then gives a large but finite loss and
+# gradient instead of inf or nan. exp(-100) is far below float32 resolution of a probability.
+LOG_FLOOR = -100.0
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -12,18 +20,72 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def counted_logits(student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch):
-    """Student and teacher logits of the positions that count, as float32 [N, V].
+def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T), shifted by the row maximum first so that logits near the dtype's
+    limit do not overflow when divided by a temperature below 1."""
+    shift = logits.detach().amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    return torch.log_softmax((logits - shift) / temperature, dim=-1)
 
-    Only counted rows are kept (padding costs nothing further) and half-precision inputs are
-    upcast. Vocabularies padded to different sizes are cut to the shared leading tokens.
+
+def shared_vocab(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vocabularies padded to different sizes (same tokenizer) are cut to the shared leading tokens."""
+    if student.shape[-1] == teacher.shape[-1]:
+        return student, teacher
+    shared = min(student.shape[-1], teacher.shape[-1])
+    return student[..., :shared], teacher[..., :shared]
+
+
+def distribution_bins(student: torch.Tensor, teacher: torch.Tensor | SparseTargets, temperature: float):
+    """Student and teacher log-probabilities at `temperature` over the same bins.
+
+    Dense teacher: the shared vocabulary. Sparse teacher: its k tokens plus one tail bin holding
+    all other tokens' mass, for both sides, so every divergence below applies unchanged and equals
+    the dense one when k covers the vocabulary.
     """
-    mask = batch.mask
-    s = upcast(student.logits[mask])
-    if teacher is None:
-        return s, None
-    t = upcast(teacher.logits[mask])
-    if s.shape[-1] != t.shape[-1]:
-        shared = min(s.shape[-1], t.shape[-1])
-        s, t = s[..., :shared], t[..., :shared]
-    return s, t
+    if not isinstance(teacher, SparseTargets):
+        s, t = shared_vocab(student, upcast(teacher))
+        return tempered_log_softmax(s, temperature), tempered_log_softmax(t, temperature)
+    if not math.isclose(teacher.temperature, temperature, rel_tol=1e-6):
+        raise ValueError(f"top-k targets were computed at temperature {teacher.temperature}; the loss asks for {temperature}")
+    log_ps = tempered_log_softmax(student, temperature)
+    ids = teacher.ids.long()
+    top = log_ps.gather(-1, ids)
+    rest = log_ps.scatter(-1, ids, float("-inf"))
+    empty = torch.isneginf(rest).all(dim=-1, keepdim=True)
+    tail = torch.where(empty, float("-inf"), torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True))
+    log_pt = torch.cat([upcast(teacher.logprobs), upcast(teacher.log_tail).unsqueeze(-1)], dim=-1)
+    return torch.cat([top, tail], dim=-1), log_pt
+
+
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row; bins where p is 0 count 0; q is floored at LOG_FLOOR."""
+    p = log_p.exp()
+    diff = torch.where(p > 0, log_p - log_q.clamp(min=LOG_FLOOR), torch.zeros_like(log_p))
+    return (p * diff).sum(-1)
+
+
+def mixture_log(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), computed in log space."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+class TemperatureOptions(kdistill.Options):
+    temperature: float = Field(1.0, gt=0, description="softening temperature T; the loss is scaled by T^2")
+
+
+class Divergence(kdistill.LogitLoss):
+    """A divergence between the tempered distributions, times T^2; dense or top-k teacher."""
+
+    supports_sparse = True
+
+    class Options(TemperatureOptions):
+        pass
+
+    def divergence(self, log_ps: torch.Tensor, log_pt: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, student, teacher, labels):
+        temp = self.options.temperature
+        log_ps, log_pt = distribution_bins(student, teacher, temp)
+        return self.divergence(log_ps, log_pt) * (temp * temp)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 
 import kdistill
-from kdistill.plugins.losses.common import counted_logits
 
 
-class CrossEntropy(kdistill.Loss):
+class CrossEntropy(kdistill.LogitLoss):
     """Cross-entropy against the ground-truth next token; needs no teacher."""
 
     name = "cross-entropy"
@@ -17,9 +16,16 @@ class CrossEntropy(kdistill.Loss):
     class Options(kdistill.Options):
         pass
 
-    def __call__(self, student, teacher, batch):
-        s, _ = counted_logits(student, None, batch)
-        return torch.nn.functional.cross_entropy(s, batch.labels[batch.mask], reduction="sum")
+    def rows(self, student, teacher, labels):
+        return torch.nn.functional.cross_entropy(student, labels, reduction="none")
+
+    def rows_and_grad(self, student, teacher, labels):
+        # analytic: d/dz CE = softmax(z) - onehot(label)
+        log_p = torch.log_softmax(student.detach(), dim=-1)
+        values = -log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        grad = log_p.exp_()
+        grad.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(values, -1.0).unsqueeze(-1))
+        return values, grad
 
 
 @kdistill.hookimpl

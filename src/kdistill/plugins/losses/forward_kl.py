@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
 import kdistill
-from kdistill.plugins.losses.common import counted_logits
+from kdistill.core.components import SparseTargets
+from kdistill.plugins.losses.common import Divergence, kl_rows, shared_vocab, tempered_log_softmax, upcast
 
 
-class ForwardKL(kdistill.Loss):
-    """KL(teacher || student) on temperature-softened distributions, times T^2."""
+class ForwardKL(Divergence):
+    """KL(teacher || student) on temperature-softened distributions, times T^2 (mode-covering)."""
 
     name = "forward-kl"
 
-    class Options(kdistill.Options):
-        temperature: float = Field(1.0, gt=0, description="softening temperature T; the loss is scaled by T^2")
+    def divergence(self, log_ps, log_pt):
+        return kl_rows(log_pt, log_ps)
 
-    def __call__(self, student, teacher, batch):
-        s, t = counted_logits(student, teacher, batch)
+    def rows_and_grad(self, student, teacher, labels):
+        if isinstance(teacher, SparseTargets):
+            return super().rows_and_grad(student, teacher, labels)
+        # analytic: d/dz [T^2 KL(p_t || softmax(z/T))] = T (p_s - p_t), over the shared tokens
         temp = self.options.temperature
-        log_ps = torch.log_softmax(s / temp, dim=-1)
-        log_pt = torch.log_softmax(t / temp, dim=-1)
-        pt = log_pt.exp()
-        # where the teacher gives a token no mass its term is 0 (0 * log 0 := 0), even at -inf logits
-        per_token = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
-        return per_token.sum() * (temp * temp)
+        full = student.shape[-1]
+        s, t = shared_vocab(student.detach(), upcast(teacher))
+        log_ps = tempered_log_softmax(s, temp)
+        log_pt = tempered_log_softmax(t, temp)
+        values = kl_rows(log_pt, log_ps) * (temp * temp)
+        grad = log_ps.exp_().sub_(log_pt.exp_()).mul_(temp)
+        if grad.shape[-1] != full:
+            grad = torch.nn.functional.pad(grad, (0, full - grad.shape[-1]))
+        return values, grad
 
 
 @kdistill.hookimpl

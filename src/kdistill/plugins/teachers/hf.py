@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 
 import kdistill
+from kdistill.core.fused import final_hidden, fused_supported
 from kdistill.core.models import load_causal_lm, load_tokenizer
 
 
@@ -35,6 +36,8 @@ class HFTeacher(kdistill.TeacherProvider):
         # no_grad rather than inference_mode: inference tensors may not be saved by the student's
         # autograd graph, and the losses combine the two.
         with torch.no_grad():
+            if needs.final_hidden and not needs.logits and fused_supported(self.model):
+                return final_hidden(self.model, batch.input_ids, batch.attention_mask)
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         return kdistill.ModelOutputs(logits=out.logits)
 

@@ -7,6 +7,7 @@ then on metrics go to `<output_dir>/metrics.jsonl`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -45,6 +46,8 @@ class MlflowTracker(kdistill.Tracker):
         try:
             import mlflow
 
+            # mlflow configures its own INFO logging on import; its lines would drown the progress bar
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
             self._mlflow = mlflow
             uri = self.options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
             mlflow.set_tracking_uri(uri)

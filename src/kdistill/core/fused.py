@@ -1,0 +1,125 @@
+"""Logit losses straight from hidden states, in chunks of positions (the fused path).
+
+For each chunk of c counted positions the student's logits [c, V] are projected, every logit loss
+of the recipe gives its per-row values and its gradient with respect to those logits, and the
+gradients of the hidden states and of the output projection are accumulated at once. So no
+[tokens x vocabulary] tensor exists in forward or backward, only [c x V] ones. The backward pass
+only scales the stored gradients by the incoming one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from kdistill.core.components import LogitLoss, ModelOutputs, SparseTargets
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 23  # about 32 MiB of float32 logits per chunk
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32 (the loss math); float32 and float64 stay."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def fused_supported(model: nn.Module) -> bool:
+    """A causal LM whose logits are exactly `final_hidden @ W.T` (no bias, scale or soft-capping)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return (isinstance(head, nn.Linear) and head.bias is None and base is not None and base is not model
+            and getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+            and getattr(config, "logits_scaling", None) is None and not getattr(config, "output_multiplier_scale", None))
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ModelOutputs:
+    """The last hidden states (after the final norm) and the output projection weight."""
+    base = getattr(model, model.base_model_prefix)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return ModelOutputs(final_hidden=out.last_hidden_state, output_weight=model.get_output_embeddings().weight)
+
+
+def default_chunk(vocab: int) -> int:
+    return max(8, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
+
+
+class TeacherRows:
+    """The teacher's side of the counted positions, served chunk by chunk."""
+
+    def __init__(self, teacher: ModelOutputs | None, mask: torch.Tensor):
+        self.hidden = self.weight = self.logits = self.sparse = None
+        if teacher is None:
+            return
+        if teacher.final_hidden is not None and teacher.output_weight is not None:
+            self.hidden, self.weight = teacher.final_hidden[mask], teacher.output_weight
+        elif teacher.logits is not None:
+            self.logits = teacher.logits[mask]
+        elif teacher.sparse is not None:
+            self.sparse = teacher.sparse.rows(mask)
+        else:
+            raise ValueError("the teacher gave neither hidden states, logits nor top-k targets")
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor | SparseTargets | None:
+        with torch.no_grad():
+            if self.hidden is not None:
+                return _upcast(self.hidden[start:stop] @ self.weight.T)
+            if self.logits is not None:
+                return _upcast(self.logits[start:stop])
+            if self.sparse is not None:
+                return self.sparse.slice(start, stop)
+        return None
+
+
+class _FusedLogitLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher, labels, losses, chunk):  # noqa: D401 - autograd API
+        n = hidden.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(weight.dtype, torch.float32)  # gradients accumulate in at least float32
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        terms = torch.zeros(len(losses), dtype=torch.float64, device=hidden.device)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            h = hidden[start:stop]
+            logits = _upcast(h @ weight.T)
+            target = teacher.chunk(start, stop)
+            grad_logits = None
+            for i, (_, w, loss) in enumerate(losses):
+                values, g = loss.rows_and_grad(logits, target if loss.needs_teacher else None, labels[start:stop])
+                value = values.sum().double()
+                terms[i] += value
+                total += w * value
+                grad_logits = g.mul_(w) if grad_logits is None else grad_logits.add_(g, alpha=w)
+            del logits
+            g = grad_logits.to(weight.dtype)
+            if want_h:
+                grad_h[start:stop] = g @ weight
+            if want_w:
+                grad_w.addmm_(g.T.to(acc), h.to(acc))
+        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.mark_non_differentiable(terms)
+        return total.to(acc), terms
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_terms):
+        grad_h, grad_w = ctx.saved_tensors
+        out_h = (grad_h * grad_total).to(ctx.hidden_dtype) if grad_h is not None else None
+        out_w = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        return out_h, out_w, None, None, None, None
+
+
+def fused_logit_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher: TeacherRows, labels: torch.Tensor,
+                     losses: Sequence[tuple[str, float, LogitLoss]], chunk: int | None = None):
+    """Weighted sum over counted rows of every logit loss, and each loss's own sum.
+
+    `hidden` [N, D] are the student's final hidden states of the counted positions, `weight` [V, D]
+    its output projection, `labels` [N]. Returns (total, {name: sum}) with `total` differentiable.
+    """
+    chunk = chunk or default_chunk(weight.shape[0])
+    total, terms = _FusedLogitLoss.apply(hidden, weight, teacher, labels, list(losses), chunk)
+    return total, {name: terms[i].to(total.dtype) for i, (name, _, _) in enumerate(losses)}

@@ -1,0 +1,290 @@
+"""Every logit loss against float64 references written independently (plain Python floats), dense and
+sparse, plain and fused-chunked, with padding, vocabulary padding and gradient accumulation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kdistill
+from kdistill.core.fused import TeacherRows, fused_logit_loss
+from kdistill.plugins.losses.cross_entropy import CrossEntropy
+from kdistill.plugins.losses.forward_kl import ForwardKL
+from kdistill.plugins.losses.jsd import JSD
+from kdistill.plugins.losses.logit_mse import LogitMSE
+from kdistill.plugins.losses.reverse_kl import ReverseKL
+from kdistill.plugins.losses.skew_kl import SkewKL
+from kdistill.plugins.losses.tvd import TVD
+from kdistill.testing import check_component
+
+# --------------------------------------------------------------------------- references (floats only)
+
+
+def softmax(row, temp):
+    z = [x / temp for x in row]
+    m = max(z)
+    e = [math.exp(x - m) for x in z]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def ref_row(kind, s_row, t_row, label, opts):
+    T = opts.get("temperature", 1.0)
+    if kind == "cross-entropy":
+        return -math.log(softmax(s_row, 1.0)[label])
+    if kind == "logit-mse":
+        return sum((a - b) ** 2 for a, b in zip(s_row, t_row)) / len(s_row)
+    ps, pt = softmax(s_row, T), softmax(t_row, T)
+    return ref_dist(kind, ps, pt, opts)
+
+
+def ref_dist(kind, ps, pt, opts):
+    T = opts.get("temperature", 1.0)
+    if kind == "forward-kl":
+        return kl(pt, ps) * T * T
+    if kind == "reverse-kl":
+        return kl(ps, pt) * T * T
+    if kind == "jsd":
+        b = opts["beta"]
+        m = [b * x + (1 - b) * y for x, y in zip(pt, ps)]
+        return (b * kl(pt, m) + (1 - b) * kl(ps, m)) * T * T
+    if kind == "skew-kl":
+        a = opts["alpha"]
+        if opts["direction"] == "forward":
+            return kl(pt, [a * x + (1 - a) * y for x, y in zip(pt, ps)]) * T * T
+        return kl(ps, [a * x + (1 - a) * y for x, y in zip(ps, pt)]) * T * T
+    if kind == "tvd":
+        return 0.5 * sum(abs(x - y) for x, y in zip(pt, ps))
+    raise KeyError(kind)
+
+
+def ref_sum(kind, student, teacher, labels, opts):
+    total = 0.0
+    for b, row_labels in enumerate(labels):
+        for s, y in enumerate(row_labels):
+            if y != -100:
+                total += ref_row(kind, student[b][s], teacher[b][s], y, opts)
+    return total
+
+
+def numeric_grad(fn, x, eps=1e-6):
+    grad = torch.zeros_like(x)
+    flat, gflat = x.view(-1), grad.view(-1)
+    for i in range(flat.numel()):
+        old = flat[i].item()
+        flat[i] = old + eps
+        hi = fn(x)
+        flat[i] = old - eps
+        lo = fn(x)
+        flat[i] = old
+        gflat[i] = (hi - lo) / (2 * eps)
+    return grad
+
+
+CASES = [
+    (ForwardKL, {"temperature": 2.0}),
+    (ForwardKL, {"temperature": 0.7}),
+    (ReverseKL, {"temperature": 1.5}),
+    (JSD, {"temperature": 1.0, "beta": 0.3}),
+    (SkewKL, {"temperature": 2.0, "alpha": 0.2, "direction": "forward"}),
+    (SkewKL, {"temperature": 1.0, "alpha": 0.4, "direction": "reverse"}),
+    (TVD, {"temperature": 1.3}),
+    (LogitMSE, {}),
+    (CrossEntropy, {}),
+]
+IDS = [f"{c.name}-{'-'.join(str(v) for v in o.values())}" for c, o in CASES]
+
+
+def make(cls, opts):
+    return cls(cls.Options(**opts))
+
+
+def random_case(seed, b=2, s=4, v=7):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(b, s, v, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(b, s, v, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (b, s), generator=g)
+    labels[0, s - 2:] = -100
+    labels[-1, 0] = -100
+    return student, teacher, labels
+
+
+def dense(loss, student, teacher, labels):
+    batch = kdistill.Batch(input_ids=labels.clamp(min=0), labels=labels)
+    return loss(kdistill.ModelOutputs(logits=student), kdistill.ModelOutputs(logits=teacher), batch)
+
+
+@pytest.mark.parametrize("cls,opts", CASES, ids=IDS)
+def test_value_and_gradient_match_the_float64_reference(cls, opts):
+    loss = make(cls, opts)
+    student, teacher, labels = random_case(0)
+    x = student.clone().requires_grad_(True)
+    value = dense(loss, x, teacher, labels)
+    ref = ref_sum(cls.name, student.tolist(), teacher.tolist(), labels.tolist(), opts)
+    assert value.item() == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    value.backward()
+    expected = numeric_grad(lambda z: ref_sum(cls.name, z.tolist(), teacher.tolist(), labels.tolist(), opts), student.clone())
+    assert torch.allclose(x.grad, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,opts", CASES, ids=IDS)
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+def test_fused_chunked_path_equals_the_plain_path(cls, opts, chunk):
+    """From hidden states and output projections, any chunk size, values and both gradients."""
+    loss = make(cls, opts)
+    g = torch.Generator().manual_seed(1)
+    n, ds, dt, v = 2 * 5, 6, 9, 11
+    hs = torch.randn(2, 5, ds, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(v, ds, generator=g, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(2, 5, dt, generator=g, dtype=torch.float64)
+    wt = torch.randn(v, dt, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, v, (2, 5), generator=g)
+    labels[1, 3:] = -100
+    plain = dense(loss, hs @ ws.T, ht @ wt.T, labels)
+    plain.backward()
+    gh, gw = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    mask = labels != -100
+    teacher = TeacherRows(kdistill.ModelOutputs(final_hidden=ht, output_weight=wt), mask)
+    total, terms = fused_logit_loss(hs[mask], ws, teacher, labels[mask], [(cls.name, 1.0, loss)], chunk=chunk)
+    total.backward()
+    assert total.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert terms[cls.name].item() == pytest.approx(plain.item(), rel=1e-6)
+    assert torch.allclose(hs.grad, gh, atol=1e-9) and torch.allclose(ws.grad, gw, atol=1e-9)
+    assert n == hs.shape[0] * hs.shape[1]
+
+
+def test_fused_weighted_sum_of_several_losses():
+    g = torch.Generator().manual_seed(2)
+    hs = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    tl = torch.randn(7, 13, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 13, (7,), generator=g)
+    losses = [("forward-kl", 0.7, make(ForwardKL, {"temperature": 2.0})), ("cross-entropy", 0.3, CrossEntropy()),
+              ("jsd", 0.5, make(JSD, {"beta": 0.5}))]
+    total, terms = fused_logit_loss(hs, ws, TeacherRows(kdistill.ModelOutputs(logits=tl), torch.ones(7, dtype=torch.bool)), labels, losses, chunk=2)
+    ref = sum(w * dense(l, (hs @ ws.T)[None], tl[None], labels[None]) for _, w, l in losses)
+    assert total.item() == pytest.approx(ref.item(), rel=1e-9)
+    total.backward()
+    gh, gw = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    ref.backward()
+    assert torch.allclose(gh, hs.grad, atol=1e-9) and torch.allclose(gw, ws.grad, atol=1e-9)
+
+
+def sparse_targets(teacher_logits, k, temp):
+    log_pt = torch.log_softmax(teacher_logits / temp, dim=-1)
+    top, ids = log_pt.topk(k, dim=-1)
+    rest = 1 - top.exp().sum(-1)
+    log_tail = torch.where(rest > 0, rest.clamp(min=1e-300).log(), torch.full_like(rest, float("-inf"))) if k < teacher_logits.shape[-1] \
+        else torch.full_like(rest, float("-inf"))
+    return kdistill.SparseTargets(ids=ids.to(torch.int32), logprobs=top, log_tail=log_tail, temperature=temp)
+
+
+SPARSE = [c for c in CASES if c[0].supports_sparse]
+
+
+@pytest.mark.parametrize("cls,opts", SPARSE, ids=[f"{c.name}-{'-'.join(str(v) for v in o.values())}" for c, o in SPARSE])
+def test_sparse_with_k_equal_to_the_vocabulary_equals_dense(cls, opts):
+    loss = make(cls, opts)
+    student, teacher, labels = random_case(3)
+    targets = sparse_targets(teacher, teacher.shape[-1], opts["temperature"])
+    x1 = student.clone().requires_grad_(True)
+    x2 = student.clone().requires_grad_(True)
+    d = dense(loss, x1, teacher, labels)
+    batch = kdistill.Batch(input_ids=labels.clamp(min=0), labels=labels)
+    s = loss(kdistill.ModelOutputs(logits=x2), kdistill.ModelOutputs(sparse=targets), batch)
+    assert s.item() == pytest.approx(d.item(), rel=1e-9)
+    d.backward()
+    s.backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls,opts", SPARSE, ids=[f"{c.name}-{'-'.join(str(v) for v in o.values())}" for c, o in SPARSE])
+def test_sparse_top_k_matches_the_binned_reference(cls, opts):
+    """k + 1 bins: the teacher's top-k tokens and one tail bin, for both distributions."""
+    loss = make(cls, opts)
+    student, teacher, labels = random_case(4)
+    k, temp = 3, opts["temperature"]
+    targets = sparse_targets(teacher, k, temp)
+    batch = kdistill.Batch(input_ids=labels.clamp(min=0), labels=labels)
+    value = loss(kdistill.ModelOutputs(logits=student), kdistill.ModelOutputs(sparse=targets), batch)
+    ref = 0.0
+    for b in range(labels.shape[0]):
+        for s in range(labels.shape[1]):
+            if labels[b, s] == -100:
+                continue
+            pt, ps = softmax(teacher[b, s].tolist(), temp), softmax(student[b, s].tolist(), temp)
+            top = sorted(range(len(pt)), key=lambda i: -pt[i])[:k]
+            bins_t = [pt[i] for i in top] + [1 - sum(pt[i] for i in top)]
+            bins_s = [ps[i] for i in top] + [1 - sum(ps[i] for i in top)]
+            ref += ref_dist(cls.name, bins_s, bins_t, opts)
+    assert value.item() == pytest.approx(ref, rel=1e-7)
+
+
+def test_sparse_targets_at_another_temperature_are_refused():
+    student, teacher, labels = random_case(5)
+    targets = sparse_targets(teacher, 3, 1.0)
+    batch = kdistill.Batch(input_ids=labels.clamp(min=0), labels=labels)
+    with pytest.raises(ValueError) as err:
+        make(ForwardKL, {"temperature": 2.0})(kdistill.ModelOutputs(logits=student), kdistill.ModelOutputs(sparse=targets), batch)
+    assert str(err.value) == "top-k targets were computed at temperature 1.0; the loss asks for 2.0"
+
+
+@pytest.mark.parametrize("cls,opts", CASES, ids=IDS)
+def test_accumulating_micro_batches_equals_one_large_batch(cls, opts):
+    loss = make(cls, opts)
+    student, teacher, labels = random_case(6, b=4)
+    x = student.clone().requires_grad_(True)
+    count = int((labels != -100).sum())
+    (dense(loss, x, teacher, labels) / count).backward()
+    big = x.grad.clone()
+    x.grad = None
+    for part in range(2):  # the engine divides each micro-batch's sum by the whole step's count
+        rows = slice(2 * part, 2 * part + 2)
+        (dense(loss, x[rows], teacher[rows], labels[rows]) / count).backward()
+    assert torch.allclose(x.grad, big, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls,opts", CASES, ids=IDS)
+def test_padded_vocabularies_use_the_shared_tokens(cls, opts):
+    loss = make(cls, opts)
+    student, teacher, labels = random_case(7)
+    padded = torch.cat([student, torch.randn(*student.shape[:2], 3, dtype=torch.float64)], dim=-1)  # student vocab 7 + 3
+    ref = ref_sum(cls.name, student.tolist(), teacher.tolist(), labels.tolist(), opts) if cls is not CrossEntropy \
+        else ref_sum(cls.name, padded.tolist(), padded.tolist(), labels.tolist(), opts)  # CE uses the full student vocabulary
+    assert dense(loss, padded, teacher, labels).item() == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls,opts", CASES, ids=IDS)
+def test_finite_with_half_precision_minus_inf_and_all_padding(cls, opts, dtype):
+    loss = make(cls, opts)
+    student, teacher, labels = random_case(8)
+    s = (student * 20).to(dtype)
+    t = (teacher * 20).to(dtype)
+    s[0, 0, 1] = float("-inf")
+    t[0, 1, 2] = float("-inf")
+    t[1, 2, 0] = torch.finfo(dtype).max
+    x = s.clone().requires_grad_(True)
+    value = dense(loss, x, t, labels)
+    value.backward()
+    assert value.dtype in (torch.float32, torch.float64) and torch.isfinite(value)
+    assert torch.isfinite(x.grad).all()
+    x.grad = None
+    empty = dense(loss, x, t, torch.full_like(labels, -100))
+    empty.backward()
+    assert empty.item() == 0.0 and x.grad.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("cls,opts", CASES, ids=IDS)
+def test_conformance_kit(cls, opts):
+    import importlib
+
+    check_component(cls, plugin=importlib.import_module(cls.__module__))
