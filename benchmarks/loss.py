@@ -7,8 +7,9 @@ Each variant runs in a fresh process. Memory is that process's peak resident set
 minus its resident size once the inputs (hidden states, output projections) exist: what the loss
 itself adds, including the student projection's gradient that every variant must produce. Time is
 the median over --reps runs after one warm-up. The loss is forward KL(teacher || student) at
-temperature 1 (Liger's and TRL's generalized JSD with beta=0 is the same divergence); peers that
-are not installed are listed as such. The floor is the four projection products alone: student
+temperature 1 (Liger's and TRL's generalized JSD with beta=0 is the same divergence; Liger runs
+its pure-torch chunked path, uncompiled, with its default chunk of 1024 rows and with 128 rows);
+peers that are not installed are listed as such. The floor is the four projection products alone: student
 and teacher logits, and the student's two gradient products.
 """
 
@@ -25,7 +26,7 @@ import time
 
 B, S, DS, DT = 2, 512, 512, 1024
 TEMPERATURE = 1.0
-VARIANTS = ["naive", "kdistill", "torchtune", "liger", "trl", "floor"]
+VARIANTS = ["naive", "kdistill", "torchtune", "liger", "liger-c128", "trl", "floor"]
 
 
 def rss_bytes() -> int:
@@ -87,11 +88,12 @@ def build(variant: str, vocab: int):
             with torch.no_grad():
                 teacher_chunks = [h @ wt.T for h in ht.view(B, S, DT).chunk(8, dim=1)]
             loss_fn(student_chunks, teacher_chunks, labels.view(B, S)).backward()
-    elif variant == "liger":
+    elif variant.startswith("liger"):  # "liger": its default chunk of 1024 rows; "liger-c128": 128 rows
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
+        chunk = {"chunk_size": 128} if variant == "liger-c128" else {}
         loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=TEMPERATURE,
-                                          compiled=False)
+                                          compiled=False, **chunk)
 
         def step():
             loss_fn(hs, ws, ht, wt, labels).backward()

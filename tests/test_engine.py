@@ -208,3 +208,19 @@ def test_student_built_fresh_from_a_config_with_the_teachers_tokenizer(recipe_fa
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final", local_files_only=True)
     assert model.config.hidden_size == 16 and model.config.vocab_size == n_tokens + 6
     assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
+
+
+def test_fused_and_full_logit_paths_train_the_same_student(recipe_factory, tmp_path):
+    fused = recipe_factory(steps=3, batch_size=2, grad_accum=2)
+    plain = recipe_factory(steps=3, batch_size=2, grad_accum=2)
+    fused["output_dir"], plain["output_dir"] = str(tmp_path / "fused"), str(tmp_path / "plain")
+    fused["strategy"] = {"name": "offline", "options": {"fused": True, "chunk_tokens": 5}}
+    plain["strategy"] = {"name": "offline", "options": {"fused": False}}
+    a_engine, b_engine = engine_for(fused), engine_for(plain)
+    a_engine.run()
+    b_engine.run()
+    assert a_engine.strategy.use_fused and not b_engine.strategy.use_fused
+    a = load_file(str(tmp_path / "fused" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key

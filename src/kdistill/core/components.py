@@ -152,7 +152,11 @@ class LogitLoss(Loss):
         raise NotImplementedError
 
     def rows_and_grad(self, student: torch.Tensor, teacher, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row values and d(sum of rows)/d(student logits); by autograd unless overridden."""
+        """Per-row values and d(sum of rows)/d(student logits); by autograd unless overridden.
+
+        On the fused path the engine hands over chunks it no longer needs, so an override may
+        overwrite `student` and a dense `teacher` in place to save memory.
+        """
         with torch.enable_grad():
             leaf = student.detach().requires_grad_(True)
             values = self.rows(leaf, teacher, labels)

@@ -87,29 +87,39 @@ class _FusedLogitLoss(torch.autograd.Function):
             h = hidden[start:stop]
             logits = _upcast(h @ weight.T)
             target = teacher.chunk(start, stop)
+            last_teacher_user = max((i for i, (_, _, loss) in enumerate(losses) if loss.needs_teacher), default=-1)
             grad_logits = None
             for i, (_, w, loss) in enumerate(losses):
-                values, g = loss.rows_and_grad(logits, target if loss.needs_teacher else None, labels[start:stop])
+                # the last loss may overwrite the chunks in place; earlier ones get copies
+                own_logits = logits if i == len(losses) - 1 else logits.clone()
+                own_target = None
+                if loss.needs_teacher:
+                    own_target = target if (i == last_teacher_user or not isinstance(target, torch.Tensor)) else target.clone()
+                values, g = loss.rows_and_grad(own_logits, own_target, labels[start:stop])
+                del own_logits, own_target
                 value = values.sum().double()
                 terms[i] += value
                 total += w * value
                 grad_logits = g.mul_(w) if grad_logits is None else grad_logits.add_(g, alpha=w)
-            del logits
+            del logits, target
             g = grad_logits.to(weight.dtype)
             if want_h:
                 grad_h[start:stop] = g @ weight
             if want_w:
                 grad_w.addmm_(g.T.to(acc), h.to(acc))
-        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        # kept as attributes, not saved tensors, so backward can hand them over without a copy
+        ctx.grad_h, ctx.grad_w = grad_h, grad_w
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(terms)
         return total.to(acc), terms
 
     @staticmethod
     def backward(ctx, grad_total, grad_terms):
-        grad_h, grad_w = ctx.saved_tensors
-        out_h = (grad_h * grad_total).to(ctx.hidden_dtype) if grad_h is not None else None
-        out_w = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        grad_h, grad_w = ctx.grad_h, ctx.grad_w
+        ctx.grad_h = ctx.grad_w = None
+        out_h = grad_h.mul_(grad_total).to(ctx.hidden_dtype) if grad_h is not None else None
+        out_w = grad_w.mul_(grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        del grad_h, grad_w
         return out_h, out_w, None, None, None, None
 
 

@@ -20,11 +20,13 @@ class CrossEntropy(kdistill.LogitLoss):
         return torch.nn.functional.cross_entropy(student, labels, reduction="none")
 
     def rows_and_grad(self, student, teacher, labels):
-        # analytic: d/dz CE = softmax(z) - onehot(label)
-        log_p = torch.log_softmax(student.detach(), dim=-1)
-        values = -log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        grad = log_p.exp_()
-        grad.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(values, -1.0).unsqueeze(-1))
+        # analytic and in place: value logsumexp(z) - z_y, gradient softmax(z) - onehot(y)
+        z = student.detach()
+        index = labels.unsqueeze(-1)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        values = (lse - z.gather(-1, index)).squeeze(-1)
+        grad = z.sub_(lse).exp_()
+        grad.scatter_add_(-1, index, torch.full_like(lse, -1.0))
         return values, grad
 
 

@@ -6,7 +6,7 @@ import torch
 
 import kdistill
 from kdistill.core.components import SparseTargets
-from kdistill.plugins.losses.common import Divergence, kl_rows, shared_vocab, tempered_log_softmax, upcast
+from kdistill.plugins.losses.common import LOG_FLOOR, Divergence, kl_rows
 
 
 class ForwardKL(Divergence):
@@ -18,19 +18,30 @@ class ForwardKL(Divergence):
         return kl_rows(log_pt, log_ps)
 
     def rows_and_grad(self, student, teacher, labels):
-        if isinstance(teacher, SparseTargets):
+        if isinstance(teacher, SparseTargets) or student.shape[-1] != teacher.shape[-1] or student.dtype != teacher.dtype:
             return super().rows_and_grad(student, teacher, labels)
-        # analytic: d/dz [T^2 KL(p_t || softmax(z/T))] = T (p_s - p_t), over the shared tokens
+        # analytic and in place (the fused path hands over chunks it no longer needs):
+        # value T^2 KL(p_t || p_s) = T^2 (sum p_t log p_t - sum p_t log p_s), gradient T (p_s - p_t);
+        # at most four chunk-sized tensors live at once
         temp = self.options.temperature
-        full = student.shape[-1]
-        s, t = shared_vocab(student.detach(), upcast(teacher))
-        log_ps = tempered_log_softmax(s, temp)
-        log_pt = tempered_log_softmax(t, temp)
-        values = kl_rows(log_pt, log_ps) * (temp * temp)
-        grad = log_ps.exp_().sub_(log_pt.exp_()).mul_(temp)
-        if grad.shape[-1] != full:
-            grad = torch.nn.functional.pad(grad, (0, full - grad.shape[-1]))
-        return values, grad
+        log_pt, p_t = _log_softmax_and_probs(teacher.detach(), temp)
+        log_ps, p_s = _log_softmax_and_probs(student.detach(), temp)
+        row_dot = lambda a, b: torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # noqa: E731
+        values = (row_dot(p_t, log_pt) - row_dot(p_t, log_ps)) * (temp * temp)
+        return values, p_s.sub_(p_t).mul_(temp)
+
+
+def _log_softmax_and_probs(x: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(x / T) in place in x, floored at LOG_FLOOR so 0 * log 0 stays 0; softmax(x / T))."""
+    shift = x.amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    x.sub_(shift)
+    if temp != 1.0:
+        x.div_(temp)
+    probs = x.exp()
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    return x.sub_(total.log_()).clamp_(min=LOG_FLOOR), probs
 
 
 @kdistill.hookimpl
