@@ -25,7 +25,7 @@ def measure(fused: bool, steps: int, workdir: Path) -> dict:
     out = workdir / ("fused" if fused else "logits")
     cmd = [sys.executable, "-m", "kdistill.core.cli", "run", "quickstart", "--overwrite",
            "--set", f"train.steps={steps}", "--set", "train.eval_every=0", "--set", "train.save_every=0",
-           "--set", "evaluators=[]", "--set", "tracker.name=jsonl", "--set", f"strategy.options.fused={str(fused).lower()}",
+           "--set", "evaluators=[]", "--set", "tracker={name: jsonl}", "--set", f"strategy.options.fused={str(fused).lower()}",
            "--set", f"output_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
