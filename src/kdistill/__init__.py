@@ -12,6 +12,8 @@ from kdistill.core.components import (
     DataSource,
     EvalContext,
     Evaluator,
+    FeatureLoss,
+    LayerMap,
     LayerMapper,
     LogitLoss,
     Loss,
@@ -39,7 +41,7 @@ def run(recipe, overrides=(), resume: bool = False, overwrite: bool = False):
 
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "Component", "ConfigError", "DataSource", "EvalContext", "Evaluator",
+    "IGNORE_INDEX", "Batch", "Component", "ConfigError", "DataSource", "EvalContext", "Evaluator", "FeatureLoss", "LayerMap",
     "KdistillError", "LayerMapper", "LogitLoss", "Loss", "ModelOutputs", "Needs", "Options", "Plan", "Recipe",
     "Scheduler", "SparseTargets", "Strategy", "TeacherProvider", "Tracker", "TrainContext", "__version__", "hookimpl",
     "load_recipe", "resolve", "resolve_path", "run",

@@ -181,13 +181,66 @@ class LogitLoss(Loss):
         return self.rows(s, target, batch.labels[mask]).sum()
 
 
+class FeatureLoss(Loss):
+    """A loss on mapped layers' hidden states or attention maps.
+
+    The strategy hands over `student.hidden_states` / `teacher.hidden_states` (or `.attentions`)
+    as dicts keyed by the student layer, already paired by the layer mapper and, for hidden
+    states, with the student's projected to the teacher's width. Returns the sum over counted
+    positions of the mean over pairs.
+    """
+
+    needs_logits = False
+    uses: ClassVar[str] = "hidden"  # or "attention"
+
+
+@dataclass
+class LayerMap:
+    """Which student layers are distilled, from which teacher layers.
+
+    `teacher_layers[i]` is the teacher layer paired with `student_layers[i]`; a learned mapper
+    instead gives every teacher layer it mixes and a trainable `mixer` module whose
+    `forward(list of teacher states) -> list of targets` yields one target per student layer.
+    """
+
+    student_layers: tuple[int, ...]
+    teacher_layers: tuple[int, ...]
+    mixer: nn.Module | None = None
+
+    def targets(self, teacher_states: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        states = [teacher_states[t] for t in self.teacher_layers]
+        return list(self.mixer(states)) if self.mixer is not None else states
+
+
 class LayerMapper(Component):
-    """Pairs student layers with teacher layers."""
+    """Pairs student layers with teacher layers; `pairs` for fixed mappings, `build` in general."""
 
     kind = "layer_mapper"
 
     def pairs(self, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
         raise NotImplementedError
+
+    def build(self, n_student: int, n_teacher: int) -> LayerMap:
+        pairs = self.pairs(n_student, n_teacher)
+        check_pairs(pairs, n_student, n_teacher, self.name)
+        return LayerMap(tuple(s for s, _ in pairs), tuple(t for _, t in pairs))
+
+
+def check_pairs(pairs, n_student: int, n_teacher: int, mapper: str) -> None:
+    """Every index in range and no student layer twice, else an error naming the layer."""
+    from kdistill.core.errors import KdistillError
+
+    if not pairs:
+        raise KdistillError(f"layer_mapper: '{mapper}' paired no layers")
+    seen: set[int] = set()
+    for s, t in pairs:
+        if not 0 <= s < n_student:
+            raise KdistillError(f"layer_mapper: student layer {s} is out of range (the student has layers 0-{n_student - 1})")
+        if not 0 <= t < n_teacher:
+            raise KdistillError(f"layer_mapper: teacher layer {t} is out of range (the teacher has layers 0-{n_teacher - 1})")
+        if s in seen:
+            raise KdistillError(f"layer_mapper: student layer {s} is paired twice")
+        seen.add(s)
 
 
 class Scheduler(Component):
@@ -278,6 +331,7 @@ class TrainContext:
     teacher: TeacherProvider | None
     losses: list[tuple[str, float, Loss]]
     needs: Needs
+    layer_mapper: LayerMapper | None = None
     total_tokens: int = 1  # counted positions in the current optimizer step (set per step)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -355,6 +355,12 @@ def _cross_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list
             problems.append(f"{item.path}.name: loss '{item.entry.name}' needs a teacher")
     if not components.get("losses"):
         problems.append("losses: give at least one loss")
+    from kdistill.core.components import FeatureLoss
+
+    feature = [item for item in components.get("losses", []) if issubclass(item.entry.cls, FeatureLoss)]
+    if feature and not components.get("layer_mapper"):
+        problems.append(f"layer_mapper: loss '{feature[0].entry.name}' needs a layer_mapper (installed: "
+                        "see `kdistill plugins`, e.g. {name: uniform})")
     best = recipe.train.best_metric
     if best is not None and not any(best in e.entry.cls.provides for e in components.get("evaluators", [])):
         problems.append(f"train.best_metric: no evaluator of this recipe reports '{best}'")

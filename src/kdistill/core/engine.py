@@ -124,7 +124,9 @@ class Engine:
         self.evaluators = [item.build() for item in plan.components.get("evaluators", [])]
         self.tracker = plan.one("tracker").build()
         self.strategy = plan.one("strategy").build()
-        self.context = TrainContext(student=self.student, teacher=self.teacher, losses=self.losses, needs=Needs())
+        mapper = plan.one("layer_mapper")
+        self.context = TrainContext(student=self.student, teacher=self.teacher, losses=self.losses, needs=Needs(),
+                                    layer_mapper=mapper.build() if mapper else None)
         self.strategy.setup(self.context)
         self.modules = dict(self.strategy.trainable())
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
