@@ -224,3 +224,16 @@ def test_fused_and_full_logit_paths_train_the_same_student(recipe_factory, tmp_p
     b = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_student_from_a_local_folder(recipe_factory, tiny_assets, tmp_path):
+    raw = recipe_factory(steps=1)
+    raw["student"] = {"model": tiny_assets["teacher"]}
+    engine = engine_for(raw)
+    engine.run()
+    assert engine.student.config.num_hidden_layers == 4
+    missing = recipe_factory(steps=1)
+    missing["student"] = {"model": str(tmp_path / "absent")}
+    with pytest.raises(kdistill.ConfigError) as err:
+        engine_for(missing).run()
+    assert str(err.value) == f"student.model: no such file or folder: {tmp_path / 'absent'}"

@@ -127,6 +127,66 @@ def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="w
         output.write_text(text + "\n")
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        _fail(KdistillError(f"{what}: expected comma-separated numbers, got {text!r}"))
+        raise
+
+
+@app.command()
+def temperatures(logits: str = typer.Option("5,3,1,0.5,-1", help="comma-separated logits"),
+                 t: str = typer.Option("0.5,1,2,5,10", "--t", help="comma-separated temperatures")) -> None:
+    """Softmax of LOGITS at each temperature, with its entropy (how T softens a distribution)."""
+    from kdistill.analysis import temperature_table
+
+    values, temps = _floats(logits, "--logits"), _floats(t, "--t")
+    try:
+        rows = temperature_table(values, temps)
+    except ValueError as exc:
+        _fail(KdistillError(f"--t: {exc}"))
+    print(f"logits: {values}")
+    for temp, probs, h in rows:
+        print(f"T={temp:g}: probs=[{', '.join(f'{p:.4f}' for p in probs)}]  entropy={h:.4f} nats ({h / 0.6931471805599453:.4f} bits)")
+
+
+@app.command()
+def kl(teacher_logits: str = typer.Option(..., help="comma-separated teacher logits"),
+       student_logits: str = typer.Option(..., help="comma-separated student logits"),
+       temperature: float = typer.Option(1.0, help="softening temperature T")) -> None:
+    """The distillation loss between two logit vectors, step by step (KL at T, then times T^2)."""
+    from kdistill.analysis import kl_steps
+
+    try:
+        steps = kl_steps(_floats(teacher_logits, "--teacher-logits"), _floats(student_logits, "--student-logits"), temperature)
+    except ValueError as exc:
+        _fail(KdistillError(str(exc)))
+    fmt = lambda xs: "[" + ", ".join(f"{x:.6f}" for x in xs) + "]"  # noqa: E731
+    print(f"1. teacher probabilities at T={steps.temperature:g}: {fmt(steps.teacher_probs)}")
+    print(f"2. student log-probabilities at T={steps.temperature:g}: {fmt(steps.student_log_probs)}")
+    print(f"3. KL(teacher || student) = sum p_t (log p_t - log p_s) = {' + '.join(f'{x:.6f}' for x in steps.terms)} = {steps.kl:.6f}")
+    print(f"4. times T^2 = {steps.temperature ** 2:g}: loss = {steps.loss:.6f}")
+
+
+@app.command()
+def flops(teacher_params: float = typer.Option(..., help="teacher parameters, e.g. 70e9"),
+          student_params: float = typer.Option(..., help="student parameters, e.g. 8e9"),
+          tokens: float = typer.Option(..., help="distillation tokens, e.g. 20e9"),
+          pretrain_tokens: float = typer.Option(2e12, help="tokens to pretrain the student from scratch")) -> None:
+    """FLOPs of distillation (teacher forward 2P, student forward+backward 6P per token) vs pretraining."""
+    from kdistill.analysis import distillation_flops
+
+    if min(teacher_params, student_params, tokens, pretrain_tokens) <= 0:
+        _fail(KdistillError("flops: every count must be positive"))
+    f = distillation_flops(teacher_params, student_params, tokens, pretrain_tokens)
+    print(f"per token: teacher forward {f.teacher_per_token:.3e} + student forward and backward {f.student_per_token:.3e} "
+          f"= {f.teacher_per_token + f.student_per_token:.3e} FLOP")
+    print(f"distillation: {tokens:.3e} tokens -> {f.distill_total:.3e} FLOP")
+    print(f"pretraining the student: {pretrain_tokens:.3e} tokens x {f.student_per_token:.3e} -> {f.pretrain_total:.3e} FLOP")
+    print(f"distillation / pretraining: {f.ratio:.2%}")
+
+
 def main() -> None:
     app()
 

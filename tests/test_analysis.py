@@ -1,0 +1,87 @@
+"""Evaluators and calculators against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kdistill.analysis import distillation_flops, kl_steps, temperature_table
+from kdistill.evaluators.agreement import agreement_sums
+
+
+def test_temperature_table_on_the_design_logits():
+    rows = temperature_table([5.0, 3.0, 1.0, 0.5, -1.0], [1.0, 2.0])
+    z = sum(math.exp(x) for x in (5, 3, 1, 0.5, -1))
+    assert rows[0][1][0] == pytest.approx(math.exp(5) / z)
+    assert rows[0][1][0] == pytest.approx(0.856723, abs=1e-6)  # the design document prints 0.8360: wrong
+    z2 = sum(math.exp(x / 2) for x in (5, 3, 1, 0.5, -1))
+    probs2 = [math.exp(x / 2) / z2 for x in (5, 3, 1, 0.5, -1)]
+    assert rows[1][1] == pytest.approx(probs2)
+    assert rows[1][2] == pytest.approx(-sum(p * math.log(p) for p in probs2))
+    assert rows[0][2] < rows[1][2]  # softer at higher T
+
+
+def test_kl_steps_by_hand():
+    steps = kl_steps([2.0, 1.0, 0.1], [1.5, 1.2, 0.3], 2.0)
+    pt = [math.exp(x / 2) for x in (2.0, 1.0, 0.1)]
+    pt = [p / sum(pt) for p in pt]
+    ps = [math.exp(x / 2) for x in (1.5, 1.2, 0.3)]
+    ps = [p / sum(ps) for p in ps]
+    kl = sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    assert steps.kl == pytest.approx(kl) and steps.loss == pytest.approx(4 * kl)
+    with pytest.raises(ValueError):
+        kl_steps([1.0, 2.0], [1.0], 1.0)
+
+
+def test_flops_of_the_design_example():
+    f = distillation_flops(70e9, 8e9, 20e9, 2e12)
+    assert f.distill_total == pytest.approx(20e9 * (2 * 70e9 + 6 * 8e9))  # 3.76e21; the document prints 2.96e21
+    assert f.pretrain_total == pytest.approx(9.6e22)
+    assert f.ratio == pytest.approx(3.76e21 / 9.6e22)
+
+
+def test_agreement_sums_by_hand():
+    s = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.5]])
+    t = torch.tensor([[2.0, 2.5, 0.0, -3.0], [0.1, 1.0, 3.0, 0.0]])
+    sums = agreement_sums(s, t, k=2, temperature=1.0)
+    assert sums["top1"] == 0.0  # argmax 0 vs 1, 1 vs 2
+    assert sums["topk"] == pytest.approx(1.0 + 1.0)  # {0,1} vs {1,0}: 2/2; {1,2} vs {2,1}: 2/2
+    kl = 0.0
+    corr = 0.0
+    for a, b in zip(s.tolist(), t.tolist()):
+        ps = [math.exp(x) / sum(math.exp(y) for y in a) for x in a]
+        pt = [math.exp(x) / sum(math.exp(y) for y in b) for x in b]
+        kl += sum(p * math.log(p / q) for p, q in zip(pt, ps))
+        mp, mq = sum(pt) / 4, sum(ps) / 4
+        num = sum((p - mp) * (q - mq) for p, q in zip(pt, ps))
+        corr += num / math.sqrt(sum((p - mp) ** 2 for p in pt) * sum((q - mq) ** 2 for q in ps))
+    assert sums["kl"] == pytest.approx(kl) and sums["corr"] == pytest.approx(corr)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "kdistill.core.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_calculators():
+    out = cli("temperatures", "--logits", "5,3,1,0.5,-1", "--t", "1")
+    assert out.returncode == 0
+    assert "T=1: probs=[0.8567, 0.1159, 0.0157, 0.0095, 0.0021]  entropy=0.5049 nats" in out.stdout
+    out = cli("flops", "--teacher-params", "70e9", "--student-params", "8e9", "--tokens", "20e9")
+    assert "distillation: 2.000e+10 tokens -> 3.760e+21 FLOP" in out.stdout and "distillation / pretraining: 3.92%" in out.stdout
+    bad = cli("kl", "--teacher-logits", "1,2", "--student-logits", "1,x")
+    assert bad.returncode == 2 and bad.stderr == "error: --student-logits: expected comma-separated numbers, got '1,x'\n"
+
+
+def test_agreement_evaluator_in_a_run(recipe_factory):
+    from test_engine import engine_for
+
+    raw = recipe_factory(steps=2)
+    raw["evaluators"].append({"name": "agreement", "options": {"k": 3}})
+    summary = engine_for(raw).run()
+    after = summary["after"]
+    assert 0 <= after["val/agreement_top1"] <= 1 and 0 <= after["val/agreement_topk"] <= 1
+    assert after["val/kl_teacher_student"] > 0 and -1 <= after["val/prob_correlation"] <= 1
