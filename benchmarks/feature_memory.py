@@ -8,19 +8,23 @@ student, 4 x 128 tokens) for a few steps without evaluation, checkpoints or MLfl
   hooks (kdistill)    forward hooks keep the 4 mapped layers only
   output_hidden_states  the same loss, with both models also asked for every layer's hidden
                       states, as code that calls `model(..., output_hidden_states=True)` does
-Reports each process's peak resident set size. Needs the quickstart's packages (see README).
+Reports resident memory when training starts and its peak during the steps (the kernel's
+high-water mark, reset through a kd_run_started hook), so model loading does not hide the steps.
+Needs the quickstart's packages (see README).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 
 CHILD = r'''
-import sys
+import json, sys, types
+import kdistill
 from transformers.models.llama import modeling_llama
 if sys.argv[1] == "naive":
     original = modeling_llama.LlamaModel.forward
@@ -29,25 +33,47 @@ if sys.argv[1] == "naive":
         return original(self, *args, **kwargs)
     modeling_llama.LlamaModel.forward = forward
 from kdistill.core.engine import run_recipe
+from kdistill.core.plugins import make_plugin_manager
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+found = {}
+probe = types.ModuleType("probe")
+
+@kdistill.hookimpl
+def kd_run_started(recipe, output_dir):
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the peak (VmHWM) so it covers the training steps only
+    found["start"] = status("VmRSS")
+
+@kdistill.hookimpl
+def kd_run_finished(output_dir, metrics, status):
+    found["peak"] = globals()["status"]("VmHWM")
+
+probe.kd_run_started, probe.kd_run_finished = kd_run_started, kd_run_finished
 overrides = sys.argv[3:]
 if sys.argv[1] == "logit-only":
     overrides += ["losses=[{name: forward-kl, weight: 0.5, options: {temperature: 2.0}}, {name: cross-entropy, weight: 0.5}]",
                   "layer_mapper=null"]
 from kdistill.core.cli import recipe_path
 from pathlib import Path
-run_recipe(recipe_path(Path("quickstart-features")), overrides=overrides, overwrite=True)
+run_recipe(recipe_path(Path("quickstart-features")), overrides=overrides, overwrite=True,
+           pm=make_plugin_manager(extra_plugins=[("probe", probe)]))
+print(json.dumps(found))
 '''
 
 
-def measure(variant: str, steps: int, workdir: str) -> float:
+def measure(variant: str, steps: int, workdir: str) -> dict:
     overrides = [f"train.steps={steps}", "train.eval_every=0", "train.save_every=0", "evaluators=[]", "tracker={name: jsonl}",
                  f"output_dir={os.path.join(workdir, variant)}"]
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, variant, "-", *overrides], cwd=workdir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{variant} failed:\n{proc.stderr.read()[-2000:]}")
-    return usage.ru_maxrss / 1024
+    out = subprocess.run([sys.executable, "-c", CHILD, variant, "-", *overrides], cwd=workdir, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"start": found["start"] / 2**20, "peak": found["peak"] / 2**20}
 
 
 def main() -> None:
@@ -56,14 +82,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [(v, measure(v, args.steps, tmp)) for v in ("logit-only", "hooks", "naive")]
-    print(f"quickstart-features, {args.steps} training steps, peak RSS of the process")
-    print("| variant | peak RSS MiB | vs logit-only |")
-    print("|---|---|---|")
-    base = rows[0][1]
-    names = {"logit-only": "logit losses only", "hooks": "+ hidden-cosine-mse on 4 layers, forward hooks (kdistill)",
+    print(f"quickstart-features, {args.steps} training steps: resident memory when training starts (models loaded)")
+    print("and its peak during the steps (VmHWM reset at the start), MiB")
+    print("| variant | at start | peak in steps | peak - start |")
+    print("|---|---|---|---|")
+    names = {"logit-only": "logit losses only", "hooks": "+ hidden-state loss on 4 layers, forward hooks (kdistill)",
              "naive": "+ the same, with output_hidden_states=True"}
-    for variant, mib in rows:
-        print(f"| {names[variant]} | {mib:.0f} | {mib - base:+.0f} MiB |")
+    for variant, r in rows:
+        print(f"| {names[variant]} | {r['start']:.0f} | {r['peak']:.0f} | {r['peak'] - r['start']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -237,3 +237,25 @@ def test_student_from_a_local_folder(recipe_factory, tiny_assets, tmp_path):
     with pytest.raises(kdistill.ConfigError) as err:
         engine_for(missing).run()
     assert str(err.value) == f"student.model: no such file or folder: {tmp_path / 'absent'}"
+
+
+def test_achieved_flops_per_second_is_logged(recipe_factory, tmp_path):
+    engine = engine_for(recipe_factory(steps=2, batch_size=3))
+    engine.run()
+    p_teacher = sum(p.numel() for p in engine.teacher.model.parameters())
+    p_student = sum(p.numel() for p in engine.student.parameters())
+    rows = [json.loads(line)["metrics"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if '"train/flops_per_s"' in line]
+    assert len(rows) == 2
+    for m in rows:
+        assert m["train/flops_per_s"] == pytest.approx(3 * 32 * (2 * p_teacher + 6 * p_student) / m["train/step_s"], rel=1e-6)
+
+
+def test_overwrite_with_bad_input_loses_nothing(recipe_factory, tmp_path):
+    raw = recipe_factory(steps=1, save_every=1)
+    engine_for(raw).run()
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*"))
+    raw["data"]["options"]["paths"] = [str(tmp_path / "missing.txt")]
+    with pytest.raises(kdistill.ConfigError):
+        engine_for(raw).run(overwrite=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before

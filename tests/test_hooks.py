@@ -69,7 +69,7 @@ def make_recorder():
 
     @kdistill.hookimpl
     def kd_run_finished(output_dir, metrics, status):
-        calls.setdefault("kd_run_finished", []).append({"output_dir": output_dir, "status": status})
+        calls.setdefault("kd_run_finished", []).append({"output_dir": output_dir, "status": status, "metrics": metrics})
 
     module.kd_run_started, module.kd_step_finished, module.kd_run_finished = kd_run_started, kd_step_finished, kd_run_finished
 
@@ -100,3 +100,4 @@ def test_every_hook_is_called_in_a_run(tiny_assets, tmp_path):
     assert "train/test-scaled-ce" in calls["kd_step_finished"][0]["metrics"]
     assert calls["kd_run_started"][0]["output_dir"] == str(tmp_path / "run")
     assert calls["kd_run_finished"][0]["status"] == "FINISHED"
+    assert calls["kd_run_finished"][0]["metrics"]["train/loss"] == calls["kd_step_finished"][-1]["metrics"]["train/loss"]

@@ -207,6 +207,14 @@ def _split_key(key: str) -> list[str | int]:
     return parts
 
 
+def _check_slot(node: Any, part: str | int, key: str) -> None:
+    if isinstance(part, int):
+        if not isinstance(node, list) or part >= len(node):
+            raise ConfigError(f"--set {key}: index [{part}] is out of range")
+    elif not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: '{part}' is not inside a mapping")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply `losses[0].options.temperature=3` style overrides; values are parsed as YAML."""
     raw = copy.deepcopy(raw)
@@ -217,22 +225,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         parts = _split_key(key.strip())
         value = parse_yaml(text, f"--set {key}")
         node: Any = raw
-        for i, part in enumerate(parts[:-1]):
-            nxt = parts[i + 1]
-            if isinstance(part, int):
-                if not isinstance(node, list) or part >= len(node):
-                    raise ConfigError(f"--set {key}: index [{part}] is out of range")
-            elif not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not inside a mapping")
-            elif part not in node or node[part] is None:
+        for part, nxt in zip(parts[:-1], parts[1:]):
+            _check_slot(node, part, key)
+            if isinstance(part, str) and node.get(part) is None:
                 node[part] = [] if isinstance(nxt, int) else {}
             node = node[part]
         last = parts[-1]
-        if isinstance(last, int):
-            if not isinstance(node, list) or last >= len(node):
-                raise ConfigError(f"--set {key}: index [{last}] is out of range")
-        elif not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: '{last}' is not inside a mapping")
+        _check_slot(node, last, key)
         node[last] = value
     return raw
 

@@ -95,12 +95,14 @@ class Engine:
             return latest
         if existing and not overwrite:
             raise KdistillError(f"output_dir: {self.out} already holds checkpoints; pass --resume to continue or --overwrite to start over")
-        if overwrite:
-            for name in ("checkpoints", "best", "final"):
-                shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in ("mlflow_run.json", "metrics.jsonl", "summary.json"):
-                (self.out / name).unlink(missing_ok=True)
         return None
+
+    def _clear_output_dir(self) -> None:
+        """--overwrite: remove what an earlier run wrote (only once the new run has been built)."""
+        for name in ("checkpoints", "best", "final"):
+            shutil.rmtree(self.out / name, ignore_errors=True)
+        for name in ("mlflow_run.json", "metrics.jsonl", "summary.json"):
+            (self.out / name).unlink(missing_ok=True)
 
     def _build(self) -> None:
         recipe, plan = self.recipe, self.plan
@@ -132,6 +134,9 @@ class Engine:
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         t = recipe.train
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        # FLOPs per input token (teacher forward 2P, trained parameters forward and backward 6P)
+        teacher_params = sum(p.numel() for p in self.teacher.model.parameters()) if self.teacher and self.teacher.model else 0
+        self.flops_per_token = 2 * teacher_params + 6 * sum(p.numel() for p in params)
         self.best_metric = t.best_metric
         if self.best_metric is None and any("val/student_loss" in e.provides for e in self.evaluators):
             self.best_metric = "val/student_loss"
@@ -161,8 +166,9 @@ class Engine:
 
     def run(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         start_from = self._check_output_dir(resume, overwrite)
-        self._build()
-        t = self.recipe.train
+        self._build()  # bad input fails here, before anything in the output folder changes
+        if overwrite:
+            self._clear_output_dir()
         step, best, before = 0, None, {}
         if start_from is not None:
             state = ckpt.load_checkpoint(start_from, self.modules, self.optimizer)
@@ -181,7 +187,7 @@ class Engine:
             self.tracker.log_artifact(str(self.out / "recipe.yaml"))
             self.tracker.log_artifact(str(plugins_file))
         self.pm.hook.kd_run_started(recipe=self.recipe.model_dump(mode="json"), output_dir=str(self.out))
-        status = "FAILED"
+        status, last = "FAILED", {}
         try:
             if step == 0 and self.evaluators:
                 with self.console.status("evaluating before training"):
@@ -192,7 +198,7 @@ class Engine:
             return self._finish(before, last)
         finally:
             self.tracker.finish(status)
-            self.pm.hook.kd_run_finished(output_dir=str(self.out), metrics={}, status=status)
+            self.pm.hook.kd_run_finished(output_dir=str(self.out), metrics=dict(last), status=status)
 
     def _check_resume_state(self, state: Mapping[str, Any], path: Path) -> None:
         saved = state.get("result_fields", {})
@@ -218,6 +224,7 @@ class Engine:
                 step += 1
                 elapsed = time.perf_counter() - began
                 metrics["train/tokens_per_s"] = metrics.pop("_tokens") / elapsed
+                metrics["train/flops_per_s"] = metrics.pop("_inputs") * self.flops_per_token / elapsed
                 metrics["train/step_s"] = elapsed
                 if step % t.log_every == 0 or step == t.steps:
                     self.tracker.log_metrics(metrics, step=step)
@@ -261,7 +268,8 @@ class Engine:
             for name, value in parts.items():
                 terms[f"train/{name}"] = terms.get(f"train/{name}", 0.0) + value.item() / self.context.total_tokens
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        metrics = {"train/loss": total, "train/lr": self.optimizer.param_groups[0]["lr"], **terms, "_tokens": counted}
+        metrics = {"train/loss": total, "train/lr": self.optimizer.param_groups[0]["lr"], **terms, "_tokens": counted,
+                   "_inputs": sum(b.input_ids.numel() for b in batches)}
         if t.grad_clip is not None:
             metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
         self.optimizer.step()
