@@ -26,7 +26,7 @@ import time
 
 B, S, DS, DT = 2, 512, 512, 1024
 TEMPERATURE = 1.0
-VARIANTS = ["naive", "kdistill", "torchtune", "liger", "liger-c128", "trl", "floor"]
+VARIANTS = ["naive", "kdistill", "kdistill-c256", "torchtune", "liger", "liger-c128", "trl", "floor"]
 
 
 def rss_bytes() -> int:
@@ -65,7 +65,7 @@ def build(variant: str, vocab: int):
             teacher_probs = F.softmax(teacher_logits / TEMPERATURE, dim=-1)
             loss = F.kl_div(student_probs, teacher_probs, reduction="batchmean") * TEMPERATURE ** 2
             loss.backward()
-    elif variant == "kdistill":
+    elif variant.startswith("kdistill"):  # "kdistill": its default chunk (32 MiB of logits); "kdistill-c256": 256 rows
         import kdistill
         from kdistill.core.fused import TeacherRows, fused_logit_loss
         from kdistill.plugins.losses.forward_kl import ForwardKL
@@ -76,7 +76,8 @@ def build(variant: str, vocab: int):
         def step():
             rows = teacher if mask.all() else TeacherRows(kdistill.ModelOutputs(final_hidden=ht[mask], output_weight=wt),
                                                           torch.ones(int(mask.sum()), dtype=torch.bool))
-            total, _ = fused_logit_loss(hs[mask], ws, rows, labels[mask], [("forward-kl", 1.0, loss_fn)])
+            total, _ = fused_logit_loss(hs[mask], ws, rows, labels[mask], [("forward-kl", 1.0, loss_fn)],
+                                        chunk=256 if variant == "kdistill-c256" else None)
             (total / mask.sum()).backward()
     elif variant == "torchtune":
         from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss

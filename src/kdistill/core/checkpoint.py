@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -165,22 +166,40 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError)
+
+
+def _read(path: Path, reader):
+    """Run `reader(path)`; any failure becomes one error naming the file and the reason."""
+    try:
+        return reader(path)
+    except _READ_ERRORS as exc:
+        raise KdistillError(f"{path}: cannot restore the checkpoint: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
 def load_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore modules, optimizer and RNG from `path`; returns the saved state mapping."""
+    """Restore modules, optimizer and RNG from `path`; returns the saved state mapping.
+
+    Only safetensors and JSON are read, so a hostile file can fail to load but never run code.
+    """
     reason = check_complete(path)
     if reason is not None:
         raise KdistillError(f"{path}: not a complete checkpoint ({reason})")
-    try:
-        weights = load_file(str(path / "model.safetensors"))
+    tensors = lambda p: load_file(str(p))  # noqa: E731
+    text = lambda p: json.loads(p.read_text())  # noqa: E731
+    weights = _read(path / "model.safetensors", tensors)
+
+    def restore_modules(p):
         for name, module in modules.items():
             prefix = f"{name}."
             module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-        opt_plain = json.loads((path / "optimizer.json").read_text())
-        optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), opt_plain))
-        set_rng_state(load_file(str(path / "rng.safetensors")))
-        return json.loads((path / "state.json").read_text())
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise KdistillError(f"{path}: cannot restore the checkpoint: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    _read(path / "model.safetensors", restore_modules)
+    opt_tensors = _read(path / "optimizer.safetensors", tensors)
+    opt_plain = _read(path / "optimizer.json", text)
+    _read(path / "optimizer.json", lambda p: optimizer.load_state_dict(_optimizer_state(opt_tensors, opt_plain)))
+    rng = _read(path / "rng.safetensors", tensors)
+    _read(path / "rng.safetensors", lambda p: set_rng_state(rng))
+    return _read(path / "state.json", text)
 
 
 def atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:
