@@ -57,10 +57,17 @@ def test_a_pickle_in_a_checkpoint_is_never_executed(recipe_factory, tmp_path):
     marker = json.loads((ckpt / "COMPLETE").read_text())
     marker["files"].update({n: (ckpt / n).stat().st_size for n in ("optimizer.safetensors", "rng.safetensors")})
     (ckpt / "COMPLETE").write_text(json.dumps(marker))
-    raw["train"]["steps"] = 2
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {ckpt}: {ckpt / 'optimizer.safetensors'}: cannot restore"):
+        summary = engine_for(raw).run(resume=True)  # falls back to step 1 and finishes step 2 again
+    assert summary["after"]["train/loss"] > 0
+    assert not sentinel.exists()
+    for name in ("step-00000001", "step-00000002"):  # now every checkpoint is hostile: a clear error
+        for f in ("model.safetensors",):
+            target = tmp_path / "run" / "checkpoints" / name / f
+            target.write_bytes(b"\x00" * target.stat().st_size)
     with pytest.raises(Exception) as err:
         engine_for(raw).run(resume=True)
-    assert str(err.value).startswith(f"{ckpt / 'optimizer.safetensors'}: cannot restore the checkpoint: SafetensorError:")
+    assert str(err.value).splitlines()[0] == f"--resume: no checkpoint under {tmp_path / 'run' / 'checkpoints'} could be restored"
     assert not sentinel.exists()
 
 

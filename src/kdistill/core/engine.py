@@ -171,7 +171,7 @@ class Engine:
             self._clear_output_dir()
         step, best, before = 0, None, {}
         if start_from is not None:
-            state = ckpt.load_checkpoint(start_from, self.modules, self.optimizer)
+            start_from, state = self._load_newest_loadable(start_from)
             self._check_resume_state(state, start_from)
             step, best, before = state["step"], state["best"], state.get("before", {})
             self.console.print(f"resuming from {start_from} (step {step})", soft_wrap=True)
@@ -199,6 +199,19 @@ class Engine:
         finally:
             self.tracker.finish(status)
             self.pm.hook.kd_run_finished(output_dir=str(self.out), metrics=dict(last), status=status)
+
+    def _load_newest_loadable(self, newest: Path) -> tuple[Path, dict[str, Any]]:
+        """Load `newest`; if it is corrupt, warn naming it and fall back to older complete ones."""
+        candidates = [p for p in reversed(ckpt.list_checkpoints(self.ckpt_root))
+                      if p.name <= newest.name and ckpt.check_complete(p) is None]
+        failures = []
+        for path in candidates:
+            try:
+                return path, ckpt.load_checkpoint(path, self.modules, self.optimizer)
+            except KdistillError as exc:
+                warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=2)
+                failures.append(str(exc))
+        raise KdistillError([f"--resume: no checkpoint under {self.ckpt_root} could be restored"] + failures)
 
     def _check_resume_state(self, state: Mapping[str, Any], path: Path) -> None:
         saved = state.get("result_fields", {})
