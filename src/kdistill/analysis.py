@@ -71,3 +71,108 @@ def distillation_flops(teacher_params: float, student_params: float, distill_tok
     teacher = 2 * teacher_params
     student = 6 * student_params
     return Flops(teacher, student, (teacher + student) * distill_tokens, student * pretrain_tokens)
+
+
+# --------------------------------------------------------------------------- over a recipe's models
+
+
+def teacher_report(plan, text: str, top_k: int = 10, max_batches: int | None = None):
+    """The teacher's top-k next tokens after `text`, its entropy there, and the per-position
+    entropies (nats) over the recipe's validation split. Returns (rows, entropy, entropies)."""
+    import torch
+
+    from kdistill.core.errors import KdistillError
+
+    resolved = plan.one("teacher")
+    if resolved is None:
+        raise KdistillError("teacher: the recipe has no teacher to analyse")
+    teacher = resolved.build()
+    teacher.load(torch.device("cpu"))
+    model, tok = teacher.model, teacher.tokenizer
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise KdistillError("--text: gives no tokens")
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, -1].double()
+    probs = torch.softmax(logits, -1)
+    top = probs.topk(top_k)
+    rows = [(i + 1, tok.decode([int(t)]), float(p)) for i, (p, t) in enumerate(zip(top.values, top.indices))]
+    here = float(-(probs * probs.clamp(min=1e-300).log()).sum())
+    data = plan.one("data").build()
+    data.setup(tok, plan.recipe.train.seed)
+    entropies: list[float] = []
+    with torch.no_grad():
+        for n, batch in enumerate(data.val_batches(plan.recipe.train.eval_batch_size or plan.recipe.train.batch_size)):
+            if max_batches is not None and n >= max_batches:
+                break
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[batch.mask].double()
+            logp = torch.log_softmax(out, -1)
+            entropies += (-(logp.exp() * logp).sum(-1)).tolist()
+    return rows, here, entropies
+
+
+def split_sweep(overrides: list[str]) -> tuple[str, list, list[str]]:
+    """The one `--set KEY=V1,V2,...` with several values, its values, and the other overrides."""
+    from kdistill.core.config import parse_yaml
+    from kdistill.core.errors import KdistillError
+
+    swept, rest = [], []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if sep and "," in text and not text.strip().startswith(("[", "{")):
+            values = [parse_yaml(v.strip(), f"--set {key}") for v in text.split(",")]
+            swept.append((key.strip(), values))
+        else:
+            rest.append(item)
+    if len(swept) != 1:
+        raise KdistillError("sweep: give exactly one --set KEY=V1,V2,... with several values")
+    return swept[0][0], swept[0][1], rest
+
+
+def sweep_validation(recipe, key: str, values: list, overrides: list[str]) -> list[float]:
+    """The recipe's training loss on the validation split for each value of a loss option
+    (models as the recipe builds them, no training): the design document's temperature search."""
+    import torch
+
+    from kdistill.core.config import load_recipe, resolve
+    from kdistill.core.engine import Engine
+    from kdistill.core.errors import KdistillError
+    from kdistill.core.plugins import make_plugin_manager
+    from kdistill.core.registry import Registry
+
+    if not key.startswith("losses["):
+        raise KdistillError(f"sweep: a validation pass can vary only a loss option, not {key}; add --train for short runs")
+    pm = make_plugin_manager()
+    registry = Registry.from_plugins(pm)
+    plans = [resolve(load_recipe(recipe, [*overrides, f"{key}={v}"]), registry) for v in values]
+    engine = Engine(plans[0], pm, registry)
+    engine._build()
+    scores = []
+    for plan in plans:
+        engine.context.losses = [(item.entry.name, item.weight, item.build()) for item in plan.components["losses"]]
+        engine.strategy.setup(engine.context)
+        total, count = 0.0, 0
+        engine.student.eval()
+        with torch.no_grad():
+            for batch in engine._val_batches():
+                engine.context.total_tokens = max(1, int(batch.mask.sum()))
+                loss, _ = engine.strategy.loss(batch)
+                total += float(loss)
+                count += int(batch.mask.sum())
+        scores.append(total / max(count, 1))
+    return scores
+
+
+def sweep_training(recipe, key: str, values: list, overrides: list[str], output_dir: str) -> tuple[list[float], str]:
+    """A short run of the recipe per value; the score is the final value of its best metric."""
+    from pathlib import Path
+
+    from kdistill.core.engine import run_recipe
+
+    scores, metric = [], "val/student_loss"
+    for value in values:
+        out = Path(output_dir) / "sweep" / f"{key}={value}"
+        summary = run_recipe(recipe, overrides=[*overrides, f"{key}={value}", f"output_dir={out}"], overwrite=True)
+        metric = summary.get("best_metric") or metric
+        scores.append(float(summary["after"].get(metric, float("nan"))))
+    return scores, metric

@@ -187,6 +187,83 @@ def flops(teacher_params: float = typer.Option(..., help="teacher parameters, e.
     print(f"distillation / pretraining: {f.ratio:.2%}")
 
 
+@app.command()
+def analyze(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a shipped recipe"),
+            text: str = typer.Option(..., help="a prompt; the teacher's next-token distribution after it is shown"),
+            top_k: int = typer.Option(10, min=1, help="how many of the most likely tokens to list"),
+            set_: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+    """What the teacher says: its top-k next tokens and entropy, and its entropy over the validation split."""
+    import math
+    import statistics
+
+    from kdistill.analysis import teacher_report
+    from kdistill.plots import histogram
+
+    try:
+        plan = _plan(recipe_path(recipe), set_)
+        rows, here, entropies = teacher_report(plan, text, top_k)
+    except KdistillError as exc:
+        _fail(exc)
+    print(f"teacher's next token after {text!r}:")
+    for rank, token, prob in rows:
+        print(f"  {rank:2d}. {token!r:20s} {prob:.4f}")
+    print(f"entropy here: {here:.4f} nats ({here / math.log(2):.4f} bits)")
+    if entropies:
+        q = statistics.quantiles(entropies, n=10)
+        print(f"over {len(entropies)} validation positions: mean {statistics.fmean(entropies):.3f} nats, "
+              f"median {statistics.median(entropies):.3f}, 10th-90th percentile {q[0]:.3f}-{q[-1]:.3f}")
+        folder = Path(plan.recipe.output_dir) / "analysis"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = histogram(entropies, "teacher entropy (nats)", "teacher entropy per validation position",
+                         folder / "teacher_entropy.png")
+        print(f"histogram: {path}")
+
+
+@app.command()
+def sweep(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a shipped recipe"),
+          set_: List[str] = typer.Option([], "--set", help="overrides; exactly one with several values, "
+                                         "e.g. --set losses[0].options.temperature=1,2,3,4,5"),
+          train: bool = typer.Option(False, "--train", help="a short training run per value (default: one validation pass each)")) -> None:
+    """Compare values of one recipe field: a table, a plot, and the best value named."""
+    import json as _json
+
+    from kdistill.analysis import split_sweep, sweep_training, sweep_validation
+    from kdistill.plots import sweep_plot
+
+    path = recipe_path(recipe)
+    try:
+        key, values, rest = split_sweep(set_)
+        plan = _plan(path, [*rest, f"{key}={values[0]}"])
+        if train:
+            scores, metric = sweep_training(path, key, values, rest, plan.recipe.output_dir)
+        else:
+            scores, metric = sweep_validation(path, key, values, rest), "val/distillation_loss"
+    except KdistillError as exc:
+        _fail(exc)
+    folder = Path(plan.recipe.output_dir) / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    best = min(range(len(values)), key=lambda i: scores[i] if scores[i] == scores[i] else float("inf"))
+    print(f"| {key} | {metric} |")
+    print("|---|---|")
+    for value, score in zip(values, scores):
+        print(f"| {value} | {score:.4f} |{'  <-- best' if value == values[best] else ''}")
+    numeric = all(isinstance(v, (int, float)) for v in values)
+    table = folder / "sweep.json"
+    table.write_text(_json.dumps({"key": key, "metric": metric, "values": values, "scores": scores, "best": values[best]}, indent=1))
+    print(f"best: {key}={values[best]}  (table {table}", end="")
+    if numeric:
+        plot = sweep_plot(key, [float(v) for v in values], scores, metric, folder / "sweep.png")
+        print(f", plot {plot}", end="")
+    print(")")
+    tracker = plan.one("tracker").build()
+    tracker.start(f"{plan.recipe.run_name or Path(plan.recipe.output_dir).name}-sweep", {"sweep.key": key, "sweep.metric": metric}, str(folder))
+    for i, score in enumerate(scores):
+        tracker.log_metrics({f"sweep/{metric}": score, "sweep/value": float(values[i]) if numeric else i}, step=i)
+    for artifact in folder.glob("sweep.*"):
+        tracker.log_artifact(str(artifact), "sweep")
+    tracker.finish()
+
+
 def main() -> None:
     app()
 

@@ -338,11 +338,17 @@ class TrainContext:
 
 @dataclass
 class EvalContext:
+    """What an evaluator gets. `phase` is "before" (ahead of training), "during" or "final";
+    `log_artifact(path, folder)` sends a file (a table, a plot) to the run's tracker."""
+
     student: nn.Module
     teacher: TeacherProvider | None
     val_batches: Any  # a callable returning an iterator of Batch
     tokenizer: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    phase: str = "during"
+    output_dir: Any = None
+    log_artifact: Any = None
 
 
 # kind -> (registration hook, base class); the single place that lists the kinds.

@@ -145,9 +145,10 @@ class Engine:
         size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
         return (b.to(self.device) for b in self.data.val_batches(size))
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, phase: str = "during") -> dict[str, float]:
         context = EvalContext(student=self.student, teacher=self.teacher, val_batches=self._val_batches,
-                              tokenizer=self.tokenizer, device=self.device)
+                              tokenizer=self.tokenizer, device=self.device, phase=phase, output_dir=self.out,
+                              log_artifact=self.tracker.log_artifact)
         metrics: dict[str, float] = {}
         for evaluator in self.evaluators:
             metrics.update(evaluator.evaluate(context))
@@ -191,7 +192,7 @@ class Engine:
         try:
             if step == 0 and self.evaluators:
                 with self.console.status("evaluating before training"):
-                    before = self.evaluate()
+                    before = self.evaluate("before")
                 self.tracker.log_metrics(before, step=0)
             last = self._loop(step, best, before)
             status = "FINISHED"
@@ -223,6 +224,7 @@ class Engine:
             raise KdistillError(f"--resume: the data differs from the data of {path} (fingerprint {state.get('data_fingerprint')} != {self.data.fingerprint()})")
 
     def _loop(self, step: int, best: float | None, before: dict[str, float]) -> dict[str, float]:
+        self.history: list[tuple[int, dict[str, float]]] = []
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         t = self.recipe.train
@@ -241,10 +243,11 @@ class Engine:
                 metrics["train/step_s"] = elapsed
                 if step % t.log_every == 0 or step == t.steps:
                     self.tracker.log_metrics(metrics, step=step)
+                self.history.append((step, dict(metrics)))
                 last.update(metrics)
                 evaluated = t.eval_every and (step % t.eval_every == 0 or step == t.steps) and self.evaluators
                 if evaluated:
-                    val = self.evaluate()
+                    val = self.evaluate("final" if step == t.steps else "during")
                     self.tracker.log_metrics(val, step=step)
                     last.update(val)
                     if self.best_metric and self.best_metric in val and (best is None or val[self.best_metric] < best):
@@ -256,7 +259,7 @@ class Engine:
                 self.pm.hook.kd_step_finished(step=step, metrics=dict(metrics))
                 progress.update(task, completed=step, info=f"loss {metrics['train/loss']:.3f}  {metrics['train/tokens_per_s']:.0f} tok/s")
         if not (t.eval_every and self.evaluators) and self.evaluators:
-            val = self.evaluate()
+            val = self.evaluate("final")
             self.tracker.log_metrics(val, step=step)
             last.update(val)
         self._best = best
@@ -293,6 +296,9 @@ class Engine:
         final = self.out / "final"
         ckpt.atomic_save_pretrained(self.student, self.tokenizer, final)
         self.tracker.log_artifact(str(final), "model")
+        plot = self._plot_losses()
+        if plot is not None:
+            self.tracker.log_artifact(str(plot), "plots")
         summary = {"output_dir": str(self.out), "final_model": str(final), "before": before, "after": last,
                    "best": getattr(self, "_best", None), "best_metric": self.best_metric}
         for name in ("run_id", "tracking_uri"):
@@ -301,6 +307,16 @@ class Engine:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self._print_summary(summary)
         return summary
+
+    def _plot_losses(self) -> Path | None:
+        """loss_curves.png: each loss term over this process's steps (a figure is not worth failing a run)."""
+        try:
+            from kdistill.plots import loss_curves
+
+            return loss_curves(self.history, self.out / "loss_curves.png")
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"could not draw the loss curves: {type(exc).__name__}: {exc}", stacklevel=2)
+            return None
 
     def _print_summary(self, summary: dict[str, Any]) -> None:
         from rich.table import Table
