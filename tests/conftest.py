@@ -54,6 +54,23 @@ def tiny_assets(tmp_path_factory):
     return {"root": root, "teacher": str(teacher_dir), "corpus": str(corpus)}
 
 
+def numeric_grad(fn, x, eps=1e-6):
+    """Central differences of a float64 function of the tensor x, element by element."""
+    import torch
+
+    grad = torch.zeros_like(x)
+    flat, gflat = x.view(-1), grad.view(-1)
+    for i in range(flat.numel()):
+        old = flat[i].item()
+        flat[i] = old + eps
+        hi = fn(x)
+        flat[i] = old - eps
+        lo = fn(x)
+        flat[i] = old
+        gflat[i] = (hi - lo) / (2 * eps)
+    return grad
+
+
 def tiny_recipe(assets, output_dir, **train) -> dict:
     recipe = {
         "student": {"from_teacher": {"layers": [0, 3]}},

@@ -201,14 +201,18 @@ def test_attention_distillation_runs_with_eager_attention(recipe_factory):
     assert summary["after"]["train/attention-kl"] > 0
 
 
-def test_attention_head_mismatch_in_a_recipe_is_refused(recipe_factory, tiny_assets):
+def fresh_student(tiny_assets, hidden: int, layers: int, heads: int) -> dict:
     from transformers import AutoTokenizer
 
     n_tokens = len(AutoTokenizer.from_pretrained(tiny_assets["teacher"], local_files_only=True))
+    return {"config": {"model_type": "llama", "vocab_size": n_tokens, "hidden_size": hidden, "intermediate_size": 32,
+                       "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 1,
+                       "max_position_embeddings": 64}}
+
+
+def test_attention_head_mismatch_in_a_recipe_is_refused(recipe_factory, tiny_assets):
     raw = recipe_factory(steps=1)
-    raw["student"] = {"config": {"model_type": "llama", "vocab_size": n_tokens, "hidden_size": 24, "intermediate_size": 32,
-                                 "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1,
-                                 "max_position_embeddings": 64}}
+    raw["student"] = fresh_student(tiny_assets, hidden=24, layers=2, heads=3)
     raw["layer_mapper"] = {"name": "uniform"}
     raw["losses"].append({"name": "attention-kl"})
     with pytest.raises(KdistillError) as err:
@@ -225,13 +229,8 @@ def test_feature_loss_without_a_mapper_is_a_recipe_error(recipe_factory):
 
 
 def test_projectors_map_between_different_widths(recipe_factory, tiny_assets):
-    from transformers import AutoTokenizer
-
-    n_tokens = len(AutoTokenizer.from_pretrained(tiny_assets["teacher"], local_files_only=True))
     raw = recipe_factory(steps=2)
-    raw["student"] = {"config": {"model_type": "llama", "vocab_size": n_tokens, "hidden_size": 16, "intermediate_size": 32,
-                                 "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                 "max_position_embeddings": 64}}
+    raw["student"] = fresh_student(tiny_assets, hidden=16, layers=3, heads=2)
     raw["layer_mapper"] = {"name": "uniform"}
     raw["losses"].append({"name": "hidden-mse"})
     raw["losses"].append({"name": "attention-kl"})

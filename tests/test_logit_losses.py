@@ -19,6 +19,8 @@ from kdistill.plugins.losses.skew_kl import SkewKL
 from kdistill.plugins.losses.tvd import TVD
 from kdistill.testing import check_component
 
+from conftest import numeric_grad
+
 # --------------------------------------------------------------------------- references (floats only)
 
 
@@ -71,20 +73,6 @@ def ref_sum(kind, student, teacher, labels, opts):
             if y != -100:
                 total += ref_row(kind, student[b][s], teacher[b][s], y, opts)
     return total
-
-
-def numeric_grad(fn, x, eps=1e-6):
-    grad = torch.zeros_like(x)
-    flat, gflat = x.view(-1), grad.view(-1)
-    for i in range(flat.numel()):
-        old = flat[i].item()
-        flat[i] = old + eps
-        hi = fn(x)
-        flat[i] = old - eps
-        lo = fn(x)
-        flat[i] = old
-        gflat[i] = (hi - lo) / (2 * eps)
-    return grad
 
 
 CASES = [

@@ -12,6 +12,8 @@ from kdistill.plugins.losses.cross_entropy import CrossEntropy
 from kdistill.plugins.losses.forward_kl import ForwardKL
 from kdistill.testing import check_component
 
+from conftest import numeric_grad
+
 
 def reference_forward_kl(student, teacher, labels, temperature):
     """Sum over counted positions of T^2 * sum_v p_t(v) log(p_t(v)/p_s(v)), element by element, float64."""
@@ -53,20 +55,6 @@ def random_case(seed, b=3, s=6, v=13, pad=True):
         labels[0, s - 2:] = -100
         labels[-1, :2] = -100
     return student, teacher, labels
-
-
-def numeric_grad(fn, x, eps=1e-6):
-    grad = torch.zeros_like(x)
-    flat, gflat = x.view(-1), grad.view(-1)
-    for i in range(flat.numel()):
-        old = flat[i].item()
-        flat[i] = old + eps
-        hi = fn(x)
-        flat[i] = old - eps
-        lo = fn(x)
-        flat[i] = old
-        gflat[i] = (hi - lo) / (2 * eps)
-    return grad
 
 
 def ours(loss, student, teacher, labels):

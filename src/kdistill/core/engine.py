@@ -325,7 +325,7 @@ class Engine:
         table.add_column("metric")
         table.add_column("before", justify="right")
         table.add_column("after", justify="right")
-        keys = [k for k in summary["after"] if k.startswith("val/")] or [k for k in summary["after"] if k.startswith("train/")]
+        keys = [k for k in summary["after"] if k.startswith(("val/", "retention/"))] or [k for k in summary["after"] if k.startswith("train/")]
         for key in keys:
             b = summary["before"].get(key)
             table.add_row(key, "" if b is None else f"{b:.4g}", f"{summary['after'][key]:.4g}")
