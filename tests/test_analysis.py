@@ -165,3 +165,31 @@ def test_sweep_names_the_best_value_and_writes_table_and_plot(tiny_assets, tmp_p
     assert f"best: losses[0].options.temperature={table['best']}" in out.stdout
     bad = cli("sweep", str(path), "--set", "losses[0].options.temperature=1,2", "--set", "train.lr=0.1,0.2")
     assert bad.returncode == 2 and bad.stderr == "error: sweep: give exactly one --set KEY=V1,V2,... with several values\n"
+
+
+def test_analyze_reports_the_teachers_top_tokens_and_entropy(tiny_assets, tmp_path):
+    import json as _json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import tiny_recipe, write_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_assets, tmp_path / "out"))
+    out = cli("analyze", str(path), "--text", "the king shall", "--top-k", "3")
+    assert out.returncode == 0, out.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"], local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(tiny_assets["teacher"], local_files_only=True)
+    with torch.no_grad():
+        logits = model(input_ids=tok("the king shall", add_special_tokens=False, return_tensors="pt")["input_ids"]).logits[0, -1]
+    probs = torch.softmax(logits.double(), -1)
+    top = probs.topk(3)
+    entropy = float(-(probs * probs.log()).sum())
+    lines = out.stdout.splitlines()
+    assert lines[0] == "teacher's next token after 'the king shall':"
+    for i in range(3):
+        assert lines[1 + i].split()[-1] == f"{top.values[i].item():.4f}"
+        assert repr(tok.decode([int(top.indices[i])])) in lines[1 + i]
+    assert lines[4] == f"entropy here: {entropy:.4f} nats ({entropy / math.log(2):.4f} bits)"
+    report = _json.loads((tmp_path / "out" / "analysis" / "teacher_report.json").read_text())
+    assert report["entropy_here"] == pytest.approx(entropy) and report["positions"] > 0
+    assert (tmp_path / "out" / "analysis" / "teacher_entropy.png").stat().st_size > 1000

@@ -187,6 +187,17 @@ def flops(teacher_params: float = typer.Option(..., help="teacher parameters, e.
     print(f"distillation / pretraining: {f.ratio:.2%}")
 
 
+def _track_side_run(plan, suffix: str, params: dict, metrics: list[dict], files: list[Path], folder: Path) -> None:
+    """Log an analysis (a sweep, a teacher report) as a tracker run of its own, beside training runs."""
+    tracker = plan.one("tracker").build()
+    tracker.start(f"{plan.recipe.run_name or Path(plan.recipe.output_dir).name}-{suffix}", params, str(folder))
+    for step, values in enumerate(metrics):
+        tracker.log_metrics(values, step=step)
+    for path in files:
+        tracker.log_artifact(str(path), suffix)
+    tracker.finish()
+
+
 @app.command()
 def analyze(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a shipped recipe"),
             text: str = typer.Option(..., help="a prompt; the teacher's next-token distribution after it is shown"),
@@ -216,7 +227,13 @@ def analyze(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of
         folder.mkdir(parents=True, exist_ok=True)
         path = histogram(entropies, "teacher entropy (nats)", "teacher entropy per validation position",
                          folder / "teacher_entropy.png")
+        report = folder / "teacher_report.json"
+        summary = {"entropy_mean": statistics.fmean(entropies), "entropy_median": statistics.median(entropies),
+                   "entropy_p10": q[0], "entropy_p90": q[-1], "positions": len(entropies)}
+        report.write_text(json.dumps({"text": text, "top_k": [{"rank": r, "token": t, "prob": p} for r, t, p in rows],
+                                      "entropy_here": here, **summary}, indent=1))
         print(f"histogram: {path}")
+        _track_side_run(plan, "analyze", {"text": text[:200], "top_k": top_k}, [summary], [path, report], folder)
 
 
 @app.command()
@@ -255,13 +272,9 @@ def sweep(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a
         plot = sweep_plot(key, [float(v) for v in values], scores, metric, folder / "sweep.png")
         print(f", plot {plot}", end="")
     print(")")
-    tracker = plan.one("tracker").build()
-    tracker.start(f"{plan.recipe.run_name or Path(plan.recipe.output_dir).name}-sweep", {"sweep.key": key, "sweep.metric": metric}, str(folder))
-    for i, score in enumerate(scores):
-        tracker.log_metrics({f"sweep/{metric}": score, "sweep/value": float(values[i]) if numeric else i}, step=i)
-    for artifact in folder.glob("sweep.*"):
-        tracker.log_artifact(str(artifact), "sweep")
-    tracker.finish()
+    _track_side_run(plan, "sweep", {"sweep.key": key, "sweep.metric": metric},
+                    [{f"sweep/{metric}": score, "sweep/value": float(v) if numeric else i} for i, (v, score) in enumerate(zip(values, scores))],
+                    sorted(folder.glob("sweep.*")), folder)
 
 
 def main() -> None:
