@@ -259,3 +259,30 @@ def test_overwrite_with_bad_input_loses_nothing(recipe_factory, tmp_path):
     with pytest.raises(kdistill.ConfigError):
         engine_for(raw).run(overwrite=True)
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_a_different_tokenizer_of_the_same_size_is_refused(recipe_factory, tiny_assets, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from conftest import make_text
+
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_assets["teacher"], local_files_only=True)
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other.decoder = decoders.ByteLevel()
+    # same size, but the special tokens take other ids and other text gives other merges
+    trainer = trainers.BpeTrainer(vocab_size=len(teacher_tok), special_tokens=["<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    other.train_from_iterator([make_text(seed=7).upper()], trainer=trainer)
+    folder = tmp_path / "other-tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<pad>", eos_token="<eos>").save_pretrained(folder)
+    assert len(AutoTokenizer.from_pretrained(folder)) == len(teacher_tok)
+    raw = recipe_factory(steps=1)
+    raw["student"] = {"model": tiny_assets["teacher"], "tokenizer": str(folder)}
+    with pytest.raises(KdistillError) as err:
+        engine_for(raw).run()
+    assert str(err.value).startswith(f"student.tokenizer: the student's tokenizer ({len(teacher_tok)} tokens) is not the teacher's")
+    assert not (tmp_path / "run").exists()
+    raw["losses"] = [{"name": "cross-entropy"}]  # no teacher logits compared: allowed
+    engine_for(raw).run()

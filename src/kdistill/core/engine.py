@@ -116,6 +116,7 @@ class Engine:
                 self.teacher.load(self.device)
         self.student, self.tokenizer = build_student(recipe.student, self.teacher.model if self.teacher else None,
                                                      self.teacher.tokenizer if self.teacher else None)
+        self._check_shared_vocabulary()
         self.student.to(self.device)
         self.student.train()
         self.data = plan.one("data").build()
@@ -140,6 +141,24 @@ class Engine:
         self.best_metric = t.best_metric
         if self.best_metric is None and any("val/student_loss" in e.provides for e in self.evaluators):
             self.best_metric = "val/student_loss"
+
+    def _check_shared_vocabulary(self) -> None:
+        """Comparing logits token by token needs one vocabulary: compare the tokenizers' vocabularies
+        themselves (sizes alone would let two different tokenizers of one size through)."""
+        from kdistill.core.components import LogitLoss
+
+        teacher_tok = self.teacher.tokenizer if self.teacher is not None else None
+        if teacher_tok is None or teacher_tok is self.tokenizer:
+            return
+        if not any(isinstance(item.entry.cls, type) and issubclass(item.entry.cls, LogitLoss) and item.entry.cls.needs_teacher
+                   for item in self.plan.components["losses"]):
+            return
+        ours, theirs = self.tokenizer.get_vocab(), teacher_tok.get_vocab()
+        if ours != theirs:
+            differ = len(set(ours.items()) ^ set(theirs.items())) // 2 or abs(len(ours) - len(theirs))
+            raise KdistillError(f"student.tokenizer: the student's tokenizer ({len(ours)} tokens) is not the teacher's "
+                                f"({len(theirs)} tokens; about {differ} entries differ); logit losses compare the two "
+                                "distributions token by token and need one vocabulary")
 
     def _val_batches(self):
         size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
