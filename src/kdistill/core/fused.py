@@ -82,12 +82,12 @@ class _FusedLogitLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         terms = torch.zeros(len(losses), dtype=torch.float64, device=hidden.device)
+        last_teacher_user = max((i for i, (_, _, loss) in enumerate(losses) if loss.needs_teacher), default=-1)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             h = hidden[start:stop]
             logits = _upcast(h @ weight.T)
             target = teacher.chunk(start, stop)
-            last_teacher_user = max((i for i, (_, _, loss) in enumerate(losses) if loss.needs_teacher), default=-1)
             grad_logits = None
             for i, (_, w, loss) in enumerate(losses):
                 # the last loss may overwrite the chunks in place; earlier ones get copies
