@@ -149,9 +149,17 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def interrupted_saves(root: Path) -> list[Path]:
+    """Temporary folders of saves that never finished (the process died before the rename)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(f".tmp-{PREFIX}"))
+
+
 def latest_complete(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete checkpoint, and the newer ones skipped with their reasons."""
-    skipped = []
+    """The newest complete checkpoint, and the folders skipped with their reasons: interrupted
+    saves and newer checkpoints that are incomplete."""
+    skipped = [(p, "an interrupted save (never completed)") for p in interrupted_saves(root)]
     for path in reversed(list_checkpoints(root)):
         reason = check_complete(path)
         if reason is None:
@@ -161,9 +169,18 @@ def latest_complete(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
 
 
 def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older complete ones and interrupted saves.
+
+    Incomplete `step-*` folders are left for a person to look at; they are never counted as kept,
+    so the last complete checkpoint always survives.
+    """
     complete = [p for p in list_checkpoints(root) if check_complete(p) is None]
     for path in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
+    own = f"-{os.getpid()}"
+    for path in interrupted_saves(root):
+        if not path.name.endswith(own):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 _READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError)

@@ -19,9 +19,14 @@ SET_HELP = "override a recipe field, e.g. --set train.steps=10 --set losses[0].o
 
 
 def _fail(exc: KdistillError) -> None:
+    exit_code = getattr(exc, "exit_code", 2)
+    if exit_code != 2 and exc.__cause__ is not None:  # a component's bug: its author needs the traceback
+        import traceback
+
+        traceback.print_exception(exc.__cause__, file=sys.stderr)
     for problem in exc.problems:
         print(f"error: {problem}", file=sys.stderr)
-    raise typer.Exit(2)
+    raise typer.Exit(exit_code)
 
 
 def _version(value: bool) -> None:
@@ -69,12 +74,15 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML, or the name o
 def run(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a shipped recipe"),
         set_: List[str] = typer.Option([], "--set", help=SET_HELP),
         resume: bool = typer.Option(False, "--resume", help="continue from the latest complete checkpoint"),
+        resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint folder (no fallback)"),
+        force: bool = typer.Option(False, "--force", help="resume even where the recipe or data differ from the checkpoint's"),
         overwrite: bool = typer.Option(False, "--overwrite", help="discard this output folder's checkpoints and models")) -> None:
     """Distill as the recipe says."""
     from kdistill.core.engine import run_recipe
 
     try:
-        run_recipe(recipe_path(recipe), overrides=set_, resume=resume, overwrite=overwrite)
+        run_recipe(recipe_path(recipe), overrides=set_, resume=resume, overwrite=overwrite, resume_from=resume_from,
+                   force=force)
     except KdistillError as exc:
         _fail(exc)
 

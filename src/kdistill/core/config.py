@@ -75,6 +75,8 @@ class TrainSpec(StaticModel):
     seed: int = 0
     num_threads: PositiveInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient norm stops the run, "
+                                                   "or skips that step's update")
     best_metric: str | None = Field(None, description="metric to keep the best checkpoint by (lower is better); "
                                     "default val/student_loss when an evaluator reports it")
 

@@ -24,7 +24,7 @@ from kdistill.__about__ import __version__
 from kdistill.core import checkpoint as ckpt
 from kdistill.core.components import EvalContext, Needs, TrainContext
 from kdistill.core.config import Plan, apply_overrides, load_recipe, resolve
-from kdistill.core.errors import KdistillError
+from kdistill.core.errors import ComponentError, KdistillError
 from kdistill.core.models import build_student
 from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 from kdistill.core.registry import Registry
@@ -82,9 +82,14 @@ class Engine:
 
     # ------------------------------------------------------------------ preparation
 
-    def _check_output_dir(self, resume: bool, overwrite: bool) -> Path | None:
-        if resume and overwrite:
+    def _check_output_dir(self, resume: bool, overwrite: bool, resume_from: Path | None = None) -> Path | None:
+        if (resume or resume_from is not None) and overwrite:
             raise KdistillError("--resume and --overwrite exclude each other")
+        if resume_from is not None:
+            reason = ckpt.check_complete(resume_from) if resume_from.is_dir() else "no such folder"
+            if reason is not None:
+                raise KdistillError(f"--resume-from: {resume_from} is not a complete checkpoint ({reason})")
+            return resume_from
         existing = ckpt.list_checkpoints(self.ckpt_root)
         if resume:
             latest, skipped = ckpt.latest_complete(self.ckpt_root)
@@ -138,6 +143,7 @@ class Engine:
         # FLOPs per input token (teacher forward 2P, trained parameters forward and backward 6P)
         teacher_params = sum(p.numel() for p in self.teacher.model.parameters()) if self.teacher and self.teacher.model else 0
         self.flops_per_token = 2 * teacher_params + 6 * sum(p.numel() for p in params)
+        self.skipped_steps = 0
         self.best_metric = t.best_metric
         if self.best_metric is None and any("val/student_loss" in e.provides for e in self.evaluators):
             self.best_metric = "val/student_loss"
@@ -184,15 +190,22 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-        start_from = self._check_output_dir(resume, overwrite)
+    def run(self, resume: bool = False, overwrite: bool = False, resume_from: Path | None = None,
+            force: bool = False) -> dict[str, Any]:
+        """Train. `resume`: from the newest checkpoint that loads (falling back with a warning);
+        `resume_from`: from exactly that checkpoint or fail; `force`: accept a changed recipe or data."""
+        resume_from = Path(resume_from) if resume_from is not None else None
+        start_from = self._check_output_dir(resume, overwrite, resume_from)
         self._build()  # bad input fails here, before anything in the output folder changes
         if overwrite:
             self._clear_output_dir()
         step, best, before = 0, None, {}
         if start_from is not None:
-            start_from, state = self._load_newest_loadable(start_from)
-            self._check_resume_state(state, start_from)
+            if resume_from is not None:
+                state = ckpt.load_checkpoint(start_from, self.modules, self.optimizer)
+            else:
+                start_from, state = self._load_newest_loadable(start_from)
+            self._check_resume_state(state, start_from, force)
             step, best, before = state["step"], state["best"], state.get("before", {})
             self.console.print(f"resuming from {start_from} (step {step})", soft_wrap=True)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -233,14 +246,19 @@ class Engine:
                 failures.append(str(exc))
         raise KdistillError([f"--resume: no checkpoint under {self.ckpt_root} could be restored"] + failures)
 
-    def _check_resume_state(self, state: Mapping[str, Any], path: Path) -> None:
+    def _check_resume_state(self, state: Mapping[str, Any], path: Path, force: bool = False) -> None:
         saved = state.get("result_fields", {})
         now = self._result_fields()
         differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        problems = []
         if differ:
-            raise KdistillError(f"--resume: the recipe differs from {path} in {', '.join(differ)}")
+            problems.append(f"--resume: the recipe differs from {path} in {', '.join(differ)}")
         if state.get("data_fingerprint") != self.data.fingerprint():
-            raise KdistillError(f"--resume: the data differs from the data of {path} (fingerprint {state.get('data_fingerprint')} != {self.data.fingerprint()})")
+            problems.append(f"--resume: the data differs from the data of {path} (fingerprint {state.get('data_fingerprint')} != {self.data.fingerprint()})")
+        if problems and not force:
+            raise KdistillError([p + " (pass --force to resume anyway)" for p in problems])
+        for problem in problems:
+            warnings.warn(f"{problem}; resuming anyway (--force)", stacklevel=3)
 
     def _loop(self, step: int, best: float | None, before: dict[str, float]) -> dict[str, float]:
         self.history: list[tuple[int, dict[str, float]]] = []
@@ -254,7 +272,12 @@ class Engine:
             task = progress.add_task("train", total=t.steps, completed=step, info="")
             while step < t.steps:
                 began = time.perf_counter()
-                metrics = self._step(step)
+                try:
+                    metrics = self._step(step)
+                except KdistillError:
+                    raise
+                except Exception as exc:
+                    raise self._blame(exc, step + 1) from exc
                 step += 1
                 elapsed = time.perf_counter() - began
                 metrics["train/tokens_per_s"] = metrics.pop("_tokens") / elapsed
@@ -266,7 +289,12 @@ class Engine:
                 last.update(metrics)
                 evaluated = t.eval_every and (step % t.eval_every == 0 or step == t.steps) and self.evaluators
                 if evaluated:
-                    val = self.evaluate("final" if step == t.steps else "during")
+                    try:
+                        val = self.evaluate("final" if step == t.steps else "during")
+                    except KdistillError:
+                        raise
+                    except Exception as exc:
+                        raise self._blame(exc, step, "evaluating after ") from exc
                     self.tracker.log_metrics(val, step=step)
                     last.update(val)
                     if self.best_metric and self.best_metric in val and (best is None or val[self.best_metric] < best):
@@ -297,7 +325,7 @@ class Engine:
             loss, parts = self.strategy.loss(batch)
             loss = loss / self.context.total_tokens
             if not torch.isfinite(loss):
-                raise KdistillError(f"step {step + 1}: the loss is {loss.item()}; stopping before it reaches the weights (last checkpoint kept)")
+                return self._not_finite(step, f"the loss is {loss.item()}")
             loss.backward()
             total += loss.item()
             for name, value in parts.items():
@@ -307,9 +335,44 @@ class Engine:
                    "_inputs": sum(b.input_ids.numel() for b in batches)}
         if t.grad_clip is not None:
             metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+            if not math.isfinite(metrics["train/grad_norm"]):
+                return self._not_finite(step, f"the gradient norm is {metrics['train/grad_norm']}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
+
+    def _not_finite(self, step: int, what: str) -> dict[str, float]:
+        """A NaN/inf loss or gradient: stop (default) or, with `train.on_nonfinite: skip`, drop the
+        step's gradients and go on. Either way nothing non-finite reaches the weights or a checkpoint."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.recipe.train.on_nonfinite == "stop":
+            raise KdistillError(f"step {step + 1}: {what}; stopping before it reaches the weights (last checkpoint kept)")
+        self.skipped_steps += 1
+        warnings.warn(f"step {step + 1}: {what}; skipping the step (train.on_nonfinite: skip)", stacklevel=3)
+        return {"train/loss": float("nan"), "train/lr": self.optimizer.param_groups[0]["lr"],
+                "train/skipped_steps": float(self.skipped_steps), "_tokens": 0, "_inputs": 0}
+
+    def _blame(self, exc: Exception, step: int, when: str = "") -> ComponentError:
+        """Name the plugin whose code raised: the innermost traceback frame inside a registered component's
+        module (or, for third-party plugins, its top-level package)."""
+        modules: dict[str, Any] = {}
+        for entry in self.registry:
+            module = entry.cls.__module__
+            modules.setdefault(module, entry)
+            if not module.startswith("kdistill."):
+                modules.setdefault(module.split(".")[0], entry)
+        culprit = None
+        tb = exc.__traceback__
+        while tb is not None:
+            name = tb.tb_frame.f_globals.get("__name__", "")
+            entry = modules.get(name) or (modules.get(name.split(".")[0]) if not name.startswith("kdistill.") else None)
+            culprit = entry or culprit
+            tb = tb.tb_next
+        where = f"{culprit.kind.replace('_', ' ')} '{culprit.name}' of {culprit.source}" if culprit else "the run"
+        latest, _ = ckpt.latest_complete(self.ckpt_root)
+        kept = f"; the last checkpoint ({latest}) is intact" if latest else ""
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return ComponentError(f"{when}step {step}: {where} raised {type(exc).__name__}: {first}{kept}")
 
     def _finish(self, before: dict[str, float], last: dict[str, float]) -> dict[str, Any]:
         final = self.out / "final"
@@ -356,9 +419,9 @@ class Engine:
 
 
 def run_recipe(recipe: str | Path | Mapping[str, Any], overrides=(), resume: bool = False, overwrite: bool = False,
-               pm: KdPluginManager | None = None) -> dict[str, Any]:
+               pm: KdPluginManager | None = None, resume_from: Path | None = None, force: bool = False) -> dict[str, Any]:
     pm = pm if pm is not None else make_plugin_manager()
     registry = Registry.from_plugins(pm)
     raw = load_recipe(recipe, overrides) if isinstance(recipe, (str, Path)) else apply_overrides(dict(recipe), list(overrides))
     plan = resolve(raw, registry)
-    return Engine(plan, pm, registry).run(resume=resume, overwrite=overwrite)
+    return Engine(plan, pm, registry).run(resume=resume, overwrite=overwrite, resume_from=resume_from, force=force)

@@ -17,3 +17,9 @@ class ConfigError(KdistillError):
 
 class RegistryError(KdistillError):
     """Components that clash or cannot be found."""
+
+
+class ComponentError(KdistillError):
+    """A component raised during the run: not the user's input, so exit code 1 and the cause's traceback."""
+
+    exit_code = 1

@@ -7,6 +7,7 @@ Never reaches a network (`local_files_only`), reads safetensors weights only, an
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 from pathlib import Path
@@ -29,6 +30,23 @@ def _split_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
     return path, gguf_file
 
 
+def _refuse_custom_code(path: Path, field: str, trust_remote_code: bool) -> None:
+    """transformers quietly falls back to its own class when a folder's custom code is not trusted;
+    a model that ships code expects that code, so refuse rather than run something else."""
+    if trust_remote_code or not path.is_dir():
+        return
+    found = sorted(p.name for p in path.glob("*.py"))
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads((path / name).read_text()):
+                found.append(f"auto_map in {name}")
+        except (OSError, ValueError):
+            continue
+    if found:
+        raise ConfigError(f"{field}: {path} contains custom code ({', '.join(found)}); it runs only with "
+                          "trust_remote_code: true in the recipe")
+
+
 def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtype: str = "float32",
                    trust_remote_code: bool = False) -> nn.Module:
     """A local folder (safetensors) or a GGUF file, dequantized and cast to `dtype`."""
@@ -38,10 +56,17 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
     target = path / gguf_file if gguf_file else path
     if not target.exists():
         raise ConfigError(f"{field}: no such file or folder: {target}")
+    if not gguf_file:  # a GGUF file carries no code (its folder may be a Python package)
+        _refuse_custom_code(path, field, trust_remote_code)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     else:
+        if path.is_dir() and not any(path.glob("*.safetensors")):
+            others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+            raise ConfigError(f"{field}: {path} has no safetensors weights"
+                              + (f" ({', '.join(others)} would need unpickling, which kdistill never does; "
+                                 "convert them to safetensors first)" if others else ""))
         kwargs["use_safetensors"] = True
         kwargs["dtype"] = DTYPES[dtype]
     try:
@@ -61,6 +86,8 @@ def load_tokenizer(model: str, field: str, *, gguf_file: str | None = None, trus
     from transformers import AutoTokenizer
 
     path, gguf_file = _split_gguf(resolve_path(model, field), gguf_file)
+    if not gguf_file:  # a GGUF file carries no code (its folder may be a Python package)
+        _refuse_custom_code(path, field, trust_remote_code)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

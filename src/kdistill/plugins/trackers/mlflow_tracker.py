@@ -1,7 +1,8 @@
 """MLflow tracking; with no tracking URI, a local SQLite store in the working folder (no server).
 
-If MLflow fails (a server that is down, a full disk), training goes on: one warning, and from
-then on metrics go to `<output_dir>/metrics.jsonl`.
+Metrics are also written to `<output_dir>/metrics.jsonl` as they are logged, so a tracking outage
+(a server that is down or dies mid-run, a full disk) loses nothing: training goes on with one
+warning, and from then on artifacts are copied into the run folder instead.
 """
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ class MlflowTracker(kdistill.Tracker):
     def _fail(self, what: str, exc: Exception) -> None:
         if self._fallback is None:
             warnings.warn(f"MLflow tracking failed ({what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                          f"training goes on and metrics go to {Path(self._output_dir) / 'metrics.jsonl'}", stacklevel=3)
-            self._fallback = JsonlTracker()
-            self._fallback.start(self._run_name, self._params, self._output_dir)
+                          f"training goes on and metrics go to {self._local.path}", stacklevel=3)
+            self._fallback = self._local
             self._active = False
 
     def start(self, run_name, params, output_dir):
         self._fallback = None
         self._active = False
         self._run_name, self._params, self._output_dir = run_name, dict(params), output_dir
+        self._local = JsonlTracker()
+        self._local.start(run_name, params, output_dir)
         # fail fast against an unreachable server instead of retrying for minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -68,13 +70,13 @@ class MlflowTracker(kdistill.Tracker):
             self._fail("start", exc)
 
     def log_metrics(self, metrics, step):
+        self._local.log_metrics(metrics, step)
         if self._fallback is not None:
-            return self._fallback.log_metrics(metrics, step)
+            return
         try:
             self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
         except Exception as exc:  # noqa: BLE001
             self._fail("log_metrics", exc)
-            self._fallback.log_metrics(metrics, step)
 
     def log_artifact(self, path, artifact_path=None):
         if self._fallback is not None:
@@ -89,8 +91,9 @@ class MlflowTracker(kdistill.Tracker):
             self._fallback.log_artifact(path, artifact_path)
 
     def finish(self, status="FINISHED"):
+        self._local.finish(status)
         if self._fallback is not None:
-            return self._fallback.finish(status)
+            return
         try:
             self._mlflow.end_run(status=status)
         except Exception as exc:  # noqa: BLE001
