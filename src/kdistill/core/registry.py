@@ -75,8 +75,7 @@ class Registry:
         installed = self.names(kind)
         close = difflib.get_close_matches(name, installed, n=3, cutoff=0.6)
         msg = f"unknown {kind.replace('_', ' ')} '{name}'"
-        if close:
-            msg += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        msg += f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
         msg += f" Installed: {', '.join(installed) if installed else '(none)'}"
         if self.failures:
             msg += "; plugins that failed to import: " + "; ".join(self.failures.values())
