@@ -25,7 +25,8 @@ def _fail(exc: KdistillError) -> None:
 
         traceback.print_exception(exc.__cause__, file=sys.stderr)
     for problem in exc.problems:
-        print(f"error: {problem}", file=sys.stderr)
+        one_line = " ".join(problem.splitlines()) if problem.strip() else "(no message)"
+        print(f"error: {one_line}", file=sys.stderr)
     raise typer.Exit(exit_code)
 
 

@@ -30,6 +30,11 @@ class ComponentSpec(StaticModel):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @pydantic.field_validator("options", mode="before")
+    @classmethod
+    def _empty_options(cls, value: Any) -> Any:
+        return {} if value is None else value  # `options:` with nothing under it in YAML
+
 
 class LossSpec(ComponentSpec):
     weight: float = Field(1.0, ge=0)
@@ -246,8 +251,10 @@ def dotted(loc: tuple[Any, ...] | list[Any]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif re.fullmatch(r"[A-Za-z0-9_\-]+", str(part)):
             out += ("." if out else "") + str(part)
+        else:
+            out += f"[{str(part)!r}]"  # a key with spaces or control characters stays readable and on one line
     return out or "recipe"
 
 
@@ -260,7 +267,7 @@ def _describe(error: dict[str, Any], prefix: tuple[Any, ...], fields: list[str])
         if close:
             msg += f"; did you mean '{close[0]}'?"
         if fields:
-            msg += f" Known: {', '.join(fields)}"
+            msg += f"{'' if close else '.'} Known: {', '.join(fields)}"
         return f"{dotted(loc)}: {msg}"
     if error["type"] == "missing":
         return f"{dotted(loc)}: required field is missing"
@@ -292,6 +299,7 @@ def resolve(raw: Any, registry: Registry) -> Plan:
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe: must be a mapping of sections, not {type(raw).__name__}")
     problems: list[str] = []
+    deferred: list[str] = []  # option problems the components' own models normally report
     recipe: Recipe | None = None
     try:
         recipe = Recipe.model_validate(raw)
@@ -299,6 +307,7 @@ def resolve(raw: Any, registry: Registry) -> Plan:
         for err in exc.errors():
             loc = tuple(err["loc"])
             if len(loc) >= 2 and loc[0] in SLOTS and "options" in loc:
+                deferred.append(_describe(err, (), []))
                 continue  # options are checked against the component's own model below
             fields = _model_fields(Recipe, loc[:-1]) if err["type"] == "extra_forbidden" else []
             problems.append(_describe(err, (), fields))
@@ -339,9 +348,10 @@ def resolve(raw: Any, registry: Registry) -> Plan:
 
     if recipe is not None and not problems:
         problems += _cross_checks(recipe, components)
+    if recipe is None and not problems:
+        problems = deferred
     if problems:
         raise ConfigError(problems)
-    assert recipe is not None
     return Plan(recipe=recipe, raw=copy.deepcopy(raw), components=components)
 
 
