@@ -276,3 +276,28 @@ def test_conformance_kit(cls, opts):
     import importlib
 
     check_component(cls, plugin=importlib.import_module(cls.__module__))
+
+
+TEMPERED = [(cls, opts) for cls, opts in CASES if "temperature" in opts]
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.3, 1.0, 4.0, 10.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls,opts", TEMPERED, ids=[f"{c.name}-{i}" for i, (c, o) in enumerate(TEMPERED)])
+def test_finite_at_extreme_temperatures_and_values_near_the_type_limit(cls, opts, dtype, temperature):
+    loss = make(cls, {**opts, "temperature": temperature})
+    student, teacher, labels = random_case(9)
+    big = torch.finfo(dtype).max
+    s = (student * 30).to(dtype)
+    t = (teacher * 30).to(dtype)
+    s[0, 0, 1], s[1, 1, 3], s[1, 2, 4] = float("-inf"), big, -big
+    t[0, 1, 2], t[1, 2, 0], t[1, 3, 5] = float("-inf"), big, -big
+    x = s.clone().requires_grad_(True)
+    value = dense(loss, x, t, labels)
+    value.backward()
+    assert torch.isfinite(value) and value.item() >= -1e-6
+    assert torch.isfinite(x.grad).all()
+    x.grad = None
+    empty = dense(loss, x, t, torch.full_like(labels, -100))
+    empty.backward()
+    assert empty.item() == 0.0 and x.grad.abs().max().item() == 0.0

@@ -66,8 +66,13 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def mixture_log(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
-    """log(weight_a * a + (1 - weight_a) * b), computed in log space."""
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    """log(weight_a * a + (1 - weight_a) * b), computed in log space.
+
+    Where both are 0 the result is -inf with a zero gradient (torch.logaddexp's gradient is nan there).
+    """
+    a, b = log_a + math.log(weight_a), log_b + math.log1p(-weight_a)
+    both = torch.isneginf(a) & torch.isneginf(b)
+    return torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)).masked_fill(both, float("-inf"))
 
 
 class TemperatureOptions(kdistill.Options):
