@@ -176,3 +176,50 @@ def sweep_training(recipe, key: str, values: list, overrides: list[str], output_
         metric = summary.get("best_metric") or metric
         scores.append(float(summary["after"].get(metric, float("nan"))))
     return scores, metric
+
+
+def teacher_check(plan, max_batches: int | None = None) -> dict[str, float]:
+    """A quantized `hf` teacher beside its full-precision self on the validation split: perplexity of
+    each, KL(full || quantized) and top-1 agreement per position, and the weights' memory."""
+    import torch
+
+    from kdistill.core.errors import ConfigError
+    from kdistill.plugins.teachers.hf import HFTeacher
+
+    resolved = plan.one("teacher")
+    if resolved is None or not issubclass(resolved.entry.cls, HFTeacher):
+        raise ConfigError("teacher: teacher-check compares an `hf` teacher loaded quantized with its full-precision self")
+    if resolved.options.quantization == "none":
+        raise ConfigError("teacher.options.quantization: the recipe's teacher is not quantized (set nf4, fp4 or int8); "
+                          "nothing to compare")
+    if plan.recipe.train.num_threads:
+        torch.set_num_threads(plan.recipe.train.num_threads)
+    device = torch.device("cpu")
+    full = HFTeacher(resolved.options.model_copy(update={"quantization": "none"}))
+    full.load(device)
+    quant = resolved.build()
+    quant.load(device)
+    data = plan.one("data").build()
+    data.setup(full.tokenizer, plan.recipe.train.seed)
+    sums = {"nll_full": 0.0, "nll_quant": 0.0, "kl": 0.0, "agree": 0.0}
+    count = 0
+    with torch.no_grad():
+        for n, batch in enumerate(data.val_batches(plan.recipe.train.eval_batch_size or plan.recipe.train.batch_size)):
+            if max_batches is not None and n >= max_batches:
+                break
+            kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+            mask = batch.mask
+            a = torch.log_softmax(full.model(**kwargs).logits[mask].double(), -1)
+            b = torch.log_softmax(quant.model(**kwargs).logits[mask].double(), -1)
+            labels = batch.labels[mask]
+            sums["nll_full"] -= float(a.gather(-1, labels[:, None]).sum())
+            sums["nll_quant"] -= float(b.gather(-1, labels[:, None]).sum())
+            sums["kl"] += float((a.exp() * (a - b)).sum())
+            sums["agree"] += float((a.argmax(-1) == b.argmax(-1)).sum())
+            count += int(mask.sum())
+    if count == 0:
+        raise ConfigError("data: the validation split is empty; teacher-check needs validation data")
+    return {"positions": count, "full_ppl": math.exp(sums["nll_full"] / count), "quant_ppl": math.exp(sums["nll_quant"] / count),
+            "kl_full_quant": sums["kl"] / count, "top1_agreement": sums["agree"] / count,
+            "full_mib": full.model.get_memory_footprint() / 2**20, "quant_mib": quant.model.get_memory_footprint() / 2**20,
+            "quantization": resolved.options.quantization}

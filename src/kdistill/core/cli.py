@@ -286,6 +286,50 @@ def sweep(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a
                     sorted(folder.glob("sweep.*")), folder)
 
 
+@app.command("cache-teacher")
+def cache_teacher(recipe: Path = typer.Argument(..., help="recipe YAML whose teacher is {name: cached, options: {path, source}}"),
+                  set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                  overwrite: bool = typer.Option(False, "--overwrite", help="replace a cache of something else at the path")) -> None:
+    """Run the teacher once over the training data; write its top-k log-probabilities (resumable)."""
+    from kdistill.cache import cache_from_plan
+
+    try:
+        manifest = cache_from_plan(_plan(recipe_path(recipe), set_), overwrite=overwrite)
+    except KdistillError as exc:
+        _fail(exc)
+    print(f"teacher cache: {manifest['n_sequences']} sequences, {manifest['tokens']} tokens, k={manifest['k']}, "
+          f"T={manifest['temperature']}: {manifest['shard_bytes'] / 2**20:.1f} MiB, {manifest['bytes_per_token']:.1f} bytes "
+          f"per token, largest log-probability error {manifest['max_abs_logprob_error']:.4f}")
+
+
+@app.command("teacher-check")
+def teacher_check(recipe: Path = typer.Argument(..., help="recipe YAML whose hf teacher sets quantization"),
+                  set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                  max_batches: Optional[int] = typer.Option(None, min=1, help="validation batches to use (default: all)")) -> None:
+    """What quantizing the teacher costs: perplexity beside full precision, KL between them, memory."""
+    from kdistill.analysis import teacher_check as check
+
+    try:
+        plan = _plan(recipe_path(recipe), set_)
+        report = check(plan, max_batches)
+    except KdistillError as exc:
+        _fail(exc)
+    q = report["quantization"]
+    print(f"| teacher | validation perplexity | weights (MiB) |")
+    print("|---|---|---|")
+    print(f"| full precision | {report['full_ppl']:.3f} | {report['full_mib']:.1f} |")
+    print(f"| {q} | {report['quant_ppl']:.3f} | {report['quant_mib']:.1f} |")
+    print(f"KL(full || {q}) per position: {report['kl_full_quant']:.5f} nats; top-1 agreement "
+          f"{report['top1_agreement']:.4f}; over {report['positions']} validation positions")
+    folder = Path(plan.recipe.output_dir) / "analysis"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "teacher_check.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"report: {path}")
+    _track_side_run(plan, "teacher-check", {"quantization": q}, [{k: v for k, v in report.items() if isinstance(v, (int, float))}],
+                    [path], folder)
+
+
 def main() -> None:
     app()
 

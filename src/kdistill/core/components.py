@@ -42,12 +42,15 @@ class Component:
 class Batch:
     """Token ids and aligned targets: `logits[:, t]` predicts `labels[:, t]` (no shifting anywhere).
 
-    `labels` holds IGNORE_INDEX where a position does not count (padding, prompts).
+    `labels` holds IGNORE_INDEX where a position does not count (padding, prompts). `keys` [B]
+    (optional) names each sequence stably across runs, so that per-sequence teacher outputs can be
+    cached and looked up.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -55,7 +58,7 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask))
+        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), self.keys)
 
 
 @dataclass
@@ -116,6 +119,10 @@ class TeacherProvider(Component):
 
     def load(self, device: torch.device) -> None:
         raise NotImplementedError
+
+    def prepare(self, data: "DataSource", tokenizer: Any, losses: list[tuple[str, float, "Loss"]]) -> None:
+        """Called once the data are set up: a provider whose targets were computed ahead of time
+        checks here that they fit this run (data, tokenizer, losses). Nothing to check by default."""
 
     def outputs(self, batch: Batch, needs: Needs) -> ModelOutputs:
         raise NotImplementedError
@@ -300,6 +307,15 @@ class DataSource(Component):
     def fingerprint(self) -> str:
         """A short digest of the data, for checkpoints and caches to check against."""
         raise NotImplementedError
+
+    def train_keys(self) -> torch.Tensor:
+        """The keys of every training sequence, each once (for caching teacher outputs).
+        Optional: a source without stable keys cannot be used with a cached teacher."""
+        raise NotImplementedError(f"data source '{self.name}' gives its sequences no keys, so teacher outputs cannot be cached for it")
+
+    def batch_for_keys(self, keys: torch.Tensor) -> Batch:
+        """The training sequences with these keys, as one batch (keys set)."""
+        raise NotImplementedError(f"data source '{self.name}' gives its sequences no keys")
 
 
 class Tracker(Component):

@@ -128,6 +128,8 @@ class Engine:
         with self.console.status("reading and tokenizing the data"):
             self.data.setup(self.tokenizer, recipe.train.seed)
         self.losses = [(item.entry.name, item.weight, item.build()) for item in plan.components["losses"]]
+        if self.teacher is not None:
+            self.teacher.prepare(self.data, self.tokenizer, self.losses)
         self.scheduler = plan.one("scheduler").build()
         self.evaluators = [item.build() for item in plan.components.get("evaluators", [])]
         self.tracker = plan.one("tracker").build()
@@ -141,7 +143,8 @@ class Engine:
         t = recipe.train
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         # FLOPs per input token (teacher forward 2P, trained parameters forward and backward 6P)
-        teacher_params = sum(p.numel() for p in self.teacher.model.parameters()) if self.teacher and self.teacher.model else 0
+        runs_forward = self.teacher is not None and self.teacher.model is not None and getattr(self.teacher, "runs_forward", True)
+        teacher_params = sum(p.numel() for p in self.teacher.model.parameters()) if runs_forward else 0
         self.flops_per_token = 2 * teacher_params + 6 * sum(p.numel() for p in params)
         self.skipped_steps = 0
         self.best_metric = t.best_metric

@@ -48,8 +48,9 @@ def _refuse_custom_code(path: Path, field: str, trust_remote_code: bool) -> None
 
 
 def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtype: str = "float32",
-                   trust_remote_code: bool = False) -> nn.Module:
-    """A local folder (safetensors) or a GGUF file, dequantized and cast to `dtype`."""
+                   trust_remote_code: bool = False, quantization: str = "none", double_quant: bool = True) -> nn.Module:
+    """A local folder (safetensors) or a GGUF file, dequantized and cast to `dtype`; with
+    `quantization` nf4/fp4/int8, re-quantized by bitsandbytes (computing in `dtype`)."""
     from transformers import AutoModelForCausalLM
 
     path, gguf_file = _split_gguf(resolve_path(model, field), gguf_file)
@@ -69,6 +70,8 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
                                  "convert them to safetensors first)" if others else ""))
         kwargs["use_safetensors"] = True
         kwargs["dtype"] = DTYPES[dtype]
+    if quantization != "none" and not gguf_file:
+        kwargs.update(_bitsandbytes(field, quantization, double_quant, dtype))
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
@@ -79,7 +82,38 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
         if hasattr(loaded.config, "quantization_config"):
             del loaded.config.quantization_config
         loaded = loaded.to(DTYPES[dtype])
+        if quantization != "none":
+            loaded = _requantize(loaded, field, quantization, double_quant, dtype)
     return loaded
+
+
+def _bitsandbytes(field: str, quantization: str, double_quant: bool, dtype: str) -> dict[str, Any]:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ConfigError(f"{field}: quantization '{quantization}' needs bitsandbytes: pip install 'kdistill[quant]'") from None
+    if quantization == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=double_quant,
+                                    bnb_4bit_compute_dtype=DTYPES[dtype])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": device, "dtype": DTYPES[dtype]}
+
+
+def _requantize(model: nn.Module, field: str, quantization: str, double_quant: bool, dtype: str) -> nn.Module:
+    """transformers cannot apply bitsandbytes to a GGUF file directly: write the dequantized weights
+    to a temporary safetensors folder and load that quantized."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="kdistill-requantize-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        return AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, use_safetensors=True,
+                                                    **_bitsandbytes(field, quantization, double_quant, dtype))
 
 
 def load_tokenizer(model: str, field: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -106,6 +140,24 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ConfigError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
+def dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name, with bitsandbytes-quantized linear weights dequantized
+    (a student cut from a 4-bit or 8-bit teacher starts from what the teacher computes with)."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        kind = type(module).__name__
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            key = f"{prefix}.{name}" if prefix else name
+            if name == "weight" and kind == "Linear4bit" and getattr(tensor, "quant_state", None) is not None:
+                import bitsandbytes.functional as bnb_functional
+
+                tensor = bnb_functional.dequantize_4bit(tensor.data, tensor.quant_state)
+            elif name == "weight" and kind == "Linear8bitLt" and getattr(tensor, "SCB", None) is not None:
+                tensor = tensor.data.float() * tensor.SCB.float().unsqueeze(1) / 127
+            out[key] = tensor
+    return out
+
+
 def student_from_teacher(teacher: nn.Module, layers: list[int], dtype: str) -> nn.Module:
     """A shallower copy of the teacher keeping `layers` (in order), embeddings and head included."""
     from transformers import AutoModelForCausalLM
@@ -124,13 +176,14 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], dtype: str) -> n
                 del config.quantization_config
     student = AutoModelForCausalLM.from_config(config)
     prefix, _ = decoder_layers(teacher)
-    source = teacher.state_dict()
+    source = dense_weights(teacher)
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     state = {}
     for key in student.state_dict():
         match = pattern.match(key)
         src_key = f"{prefix}.{layers[int(match.group(1))]}.{match.group(2)}" if match else key
-        state[key] = source[src_key].detach().clone()
+        tensor = source[src_key].detach()
+        state[key] = (tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor).clone()
     student.load_state_dict(state)
     return student.to(DTYPES[dtype])
 

@@ -97,7 +97,14 @@ class TextFiles(kdistill.DataSource):
     def _batch(self, rows: torch.Tensor) -> kdistill.Batch:
         blocks = self._blocks[rows]
         return kdistill.Batch(input_ids=blocks[:, :-1].contiguous(), labels=blocks[:, 1:].contiguous(),
-                              attention_mask=torch.ones_like(blocks[:, :-1]))
+                              attention_mask=torch.ones_like(blocks[:, :-1]), keys=rows.clone())
+
+    def train_keys(self) -> torch.Tensor:
+        """Block numbers in the packed text (stable for a given text, tokenizer and seq_len)."""
+        return self._train.sort().values
+
+    def batch_for_keys(self, keys: torch.Tensor) -> kdistill.Batch:
+        return self._batch(keys.long())
 
     def train_batch(self, index: int, batch_size: int) -> kdistill.Batch:
         n = len(self._train)

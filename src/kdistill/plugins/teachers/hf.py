@@ -22,12 +22,19 @@ class HFTeacher(kdistill.TeacherProvider):
         model: str = Field(description="local folder, .gguf file, or pkg://PACKAGE/PATH")
         gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a folder)")
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+        quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
+            "none", description="load the weights quantized by bitsandbytes (4-bit NF4/FP4 or 8-bit; CPU too); "
+            "computation stays in `dtype`")
+        double_quant: bool = Field(True, description="4-bit only: quantize the quantization constants too (QLoRA)")
         trust_remote_code: bool = False
 
     def load(self, device: torch.device) -> None:
         o = self.options
         self.model = load_causal_lm(o.model, "teacher.options.model", gguf_file=o.gguf_file, dtype=o.dtype,
-                                    trust_remote_code=o.trust_remote_code).to(device)
+                                    trust_remote_code=o.trust_remote_code, quantization=o.quantization,
+                                    double_quant=o.double_quant)
+        if o.quantization == "none":  # bitsandbytes places quantized weights itself
+            self.model = self.model.to(device)
         self.model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = load_tokenizer(o.model, "teacher.options.model", gguf_file=o.gguf_file,

@@ -1,0 +1,95 @@
+"""A teacher served from an offline top-k cache (written by `kdistill cache-teacher`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+import kdistill
+from kdistill.core.errors import ConfigError
+from kdistill.core.paths import resolve_path
+from kdistill.plugins.teachers.hf import HFTeacher
+
+
+def source_identity(options: HFTeacher.Options) -> dict:
+    """What the manifest records about the teacher the cache came from."""
+    return {"provider": HFTeacher.name, **options.model_dump(mode="json")}
+
+
+class CachedTeacher(kdistill.TeacherProvider):
+    """Top-k log-probabilities with their token ids and tail mass, read from a cache; no teacher forward.
+
+    `source` is the live teacher the cache is computed from (`kdistill cache-teacher RECIPE`). With
+    `load_source`, that model is also loaded (not run) for what needs its weights: a student cut from
+    the teacher's layers and the teacher's own validation metrics.
+    """
+
+    name = "cached"
+    runs_forward = False  # the engine counts no teacher FLOPs per step
+
+    class Options(kdistill.Options):
+        path: str = Field(description="the cache folder")
+        source: HFTeacher.Options | None = Field(None, description="the live teacher the cache is computed from")
+        k: int = Field(64, ge=1, description="log-probabilities kept per position")
+        temperature: float = Field(1.0, gt=0, description="temperature the log-probabilities are computed at; "
+                                   "the logit losses must use the same")
+        shard_sequences: int = Field(256, ge=1, description="sequences per shard file")
+        load_source: bool = Field(False, description="also load the source model's weights (for a from_teacher "
+                                  "student and teacher metrics); it never runs in a training step")
+
+    def load(self, device: torch.device) -> None:
+        from kdistill.cache import TeacherCache
+        from kdistill.core.models import load_tokenizer
+
+        self.cache = TeacherCache(resolve_path(self.options.path, "teacher.options.path"))
+        self.tokenizer = load_tokenizer(str(self.cache.folder / "tokenizer"), "teacher.options.path")
+        self.device = device
+        self.model = None
+        if self.options.load_source:
+            if self.options.source is None:
+                raise ConfigError("teacher.options.load_source: needs teacher.options.source")
+            live = HFTeacher(self.options.source)
+            live.load(device)
+            self.model = live.model
+
+    def prepare(self, data, tokenizer, losses) -> None:
+        from kdistill.cache import vocab_digest
+
+        for name, _, loss in losses:
+            if isinstance(loss, kdistill.FeatureLoss):
+                raise ConfigError(f"losses: '{name}' needs the teacher's hidden states or attention; a cached teacher "
+                                  "has only top-k log-probabilities")
+            if isinstance(loss, kdistill.LogitLoss) and loss.needs_teacher:
+                if not loss.supports_sparse:
+                    raise ConfigError(f"losses: '{name}' is not defined on top-k targets; with a cached teacher use "
+                                      "forward-kl, reverse-kl or jsd")
+                t = getattr(loss.options, "temperature", None)
+                if t is not None and abs(t - self.options.temperature) > 1e-9 * t:
+                    raise ConfigError(f"losses: '{name}' uses temperature {t} but the cached teacher's is "
+                                      f"{self.options.temperature} (teacher.options.temperature)")
+        expected = {"data_fingerprint": data.fingerprint(), "tokenizer": vocab_digest(tokenizer), "k": self.options.k,
+                    "temperature": self.options.temperature}
+        if self.options.source is not None:
+            expected["teacher"] = source_identity(self.options.source)
+        self.cache.check(expected)
+
+    def outputs(self, batch: kdistill.Batch, needs: kdistill.Needs) -> kdistill.ModelOutputs:
+        if needs.hidden_layers or needs.attention_layers:
+            raise ConfigError("a cached teacher has no hidden states or attention maps")
+        if batch.keys is None:
+            raise ConfigError("data: a cached teacher needs a data source that gives its sequences keys")
+        sparse = self.cache.lookup(batch.keys)
+        move = lambda t: t.to(self.device)  # noqa: E731
+        return kdistill.ModelOutputs(sparse=kdistill.SparseTargets(move(sparse.ids), move(sparse.logprobs),
+                                                                   move(sparse.log_tail), sparse.temperature))
+
+
+def cache_folder(options: CachedTeacher.Options) -> Path:
+    return resolve_path(options.path, "teacher.options.path")
+
+
+@kdistill.hookimpl
+def kd_register_teachers():
+    return [CachedTeacher]
