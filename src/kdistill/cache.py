@@ -150,8 +150,8 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 
     n_shards = math.ceil(len(keys) / shard_sequences)
-    done = sum(1 for i in range(n_shards) if (folder / shard_name(i)).exists())
-    bar = _progress(progress, n_shards, done)
+    done = sum(min(shard_sequences, len(keys) - i * shard_sequences) for i in range(n_shards) if (folder / shard_name(i)).exists())
+    bar = _progress(progress, len(keys), done)
     for index in range(n_shards):
         target = folder / shard_name(index)
         if target.exists():
@@ -161,6 +161,7 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
         worst = 0.0
         for start in range(0, len(shard_keys), batch_size):
             batch = data.batch_for_keys(shard_keys[start:start + batch_size]).to(device)
+            bar.update(batch.input_ids.shape[0])
             logits = _teacher_logits(teacher, batch, Needs)
             top, ids, tail = top_k_targets(logits, k, temperature)
             q, hi, lo = quantize(top)
@@ -173,7 +174,6 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
         save_file(tensors, str(tmp), metadata={"max_abs_logprob_error": repr(worst)})
         _fsync(tmp)
         os.replace(tmp, target)
-        bar.update()
     bar.close()
     stats = _stats(folder, n_shards, manifest)
     manifest.update(complete=True, **stats)
@@ -199,7 +199,7 @@ def _stats(folder: Path, n_shards: int, manifest: dict[str, Any]) -> dict[str, A
 
 
 class _NoBar:
-    def update(self):
+    def update(self, n: int = 1):
         pass
 
     def close(self):
@@ -211,7 +211,7 @@ def _progress(enabled: bool, total: int, done: int):
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc="caching the teacher", unit="shard")
+    return tqdm(total=total, initial=done, desc="caching the teacher", unit="seq")
 
 
 # ------------------------------------------------------------------------------------ reading

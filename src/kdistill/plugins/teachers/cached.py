@@ -64,7 +64,7 @@ class CachedTeacher(kdistill.TeacherProvider):
             if isinstance(loss, kdistill.LogitLoss) and loss.needs_teacher:
                 if not loss.supports_sparse:
                     raise ConfigError(f"losses: '{name}' is not defined on top-k targets; with a cached teacher use "
-                                      "forward-kl, reverse-kl or jsd")
+                                      "forward-kl, reverse-kl, jsd or skew-kl")
                 t = getattr(loss.options, "temperature", None)
                 if t is not None and abs(t - self.options.temperature) > 1e-9 * t:
                     raise ConfigError(f"losses: '{name}' uses temperature {t} but the cached teacher's is "
