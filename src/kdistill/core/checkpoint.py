@@ -114,15 +114,21 @@ def save_checkpoint(root: Path, step: int, modules: Mapping[str, nn.Module], opt
     _write_bytes(tmp / "optimizer.json", json.dumps(opt_plain).encode())
     _save_tensors(rng_state(), tmp / "rng.safetensors")
     _write_bytes(tmp / "state.json", json.dumps(dict(state), indent=1).encode())
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    _write_bytes(tmp / MARKER, json.dumps({"step": step, "files": files}).encode())
-    _fsync_dir(tmp)
+    mark_complete(tmp, step)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
     prune(root, keep)
     return final
+
+
+def mark_complete(folder: Path, step: int) -> None:
+    """Write the COMPLETE marker listing every file under `folder` (recursively) and its size."""
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MARKER}
+    _write_bytes(folder / MARKER, json.dumps({"step": step, "files": files}).encode())
+    _fsync_dir(folder)
 
 
 def check_complete(path: Path) -> str | None:

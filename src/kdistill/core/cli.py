@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -330,7 +331,25 @@ def teacher_check(recipe: Path = typer.Argument(..., help="recipe YAML whose hf 
                     [path], folder)
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher appends --local_rank=N to the command; torchrun sets LOCAL_RANK instead."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main() -> None:
+    sys.argv = _take_local_rank(sys.argv)
     app()
 
 

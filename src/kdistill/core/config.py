@@ -87,9 +87,15 @@ class TrainSpec(StaticModel):
 
 
 class DistributedSpec(StaticModel):
-    """Multi-device settings. Only `none` exists until the DeepSpeed backend lands."""
+    """Multi-device settings: `none` (one process) or `deepspeed` (launched by `deepspeed` or `torchrun`)."""
 
-    backend: Literal["none"] = "none"
+    backend: Literal["none", "deepspeed"] = "none"
+    config: dict[str, Any] | str | None = Field(None, description="DeepSpeed configuration, inline or a JSON file; "
+                                                "\"auto\" values come from the recipe (default: ZeRO-2)")
+    teacher: Literal["replicated", "zero3"] = Field("replicated", description="a full teacher copy per rank, or "
+                                                    "its parameters partitioned over the ranks with ZeRO-3 (inference only)")
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="torch.distributed backend "
+                                                          "(auto: nccl on CUDA, gloo on CPU)")
 
 
 class Recipe(StaticModel):
@@ -357,6 +363,9 @@ def resolve(raw: Any, registry: Registry) -> Plan:
 
 def _cross_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list[str]:
     problems = []
+    if recipe.distributed.backend == "deepspeed" and recipe.train.on_nonfinite == "skip":
+        problems.append("train.on_nonfinite: 'skip' is not available with distributed.backend deepspeed "
+                        "(DeepSpeed's own loss scaler skips overflowing fp16 steps)")
     strategy = components["strategy"][0]
     has_teacher = bool(components.get("teacher"))
     if strategy.entry.cls.needs_teacher and not has_teacher:

@@ -22,6 +22,7 @@ import yaml
 
 from kdistill.__about__ import __version__
 from kdistill.core import checkpoint as ckpt
+from kdistill.core.components import Batch as kdistill_batch
 from kdistill.core.components import EvalContext, Needs, TrainContext
 from kdistill.core.config import Plan, apply_overrides, load_recipe, resolve
 from kdistill.core.errors import ComponentError, KdistillError
@@ -111,7 +112,15 @@ class Engine:
 
     def _build(self) -> None:
         recipe, plan = self.recipe, self.plan
-        self.device = pick_device(recipe.train.device)
+        self.dist = None
+        if recipe.distributed.backend == "deepspeed":
+            from kdistill.core.distributed import DeepSpeedRun
+
+            self.dist = DeepSpeedRun(recipe.distributed, recipe.train)
+        self.is_main = self.dist is None or self.dist.is_main
+        if not self.is_main:
+            self.console.quiet = True
+        self.device = self.dist.device if self.dist else pick_device(recipe.train.device)
         seed_everything(recipe.train.seed)
         if recipe.train.num_threads:
             torch.set_num_threads(recipe.train.num_threads)
@@ -132,7 +141,7 @@ class Engine:
             self.teacher.prepare(self.data, self.tokenizer, self.losses)
         self.scheduler = plan.one("scheduler").build()
         self.evaluators = [item.build() for item in plan.components.get("evaluators", [])]
-        self.tracker = plan.one("tracker").build()
+        self.tracker = plan.one("tracker").build() if self.is_main else _NoTracker()
         self.strategy = plan.one("strategy").build()
         mapper = plan.one("layer_mapper")
         self.context = TrainContext(student=self.student, teacher=self.teacher, losses=self.losses, needs=Needs(),
@@ -142,6 +151,11 @@ class Engine:
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         t = recipe.train
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        if self.dist is not None:
+            if self.teacher is not None and self.teacher.model is not None and getattr(self.teacher, "runs_forward", True):
+                self.teacher.model = self.dist.wrap_teacher(self.teacher.model, t.batch_size)
+            self.dist.wrap_student(self.modules, self.optimizer)
+            self.optimizer = self.dist.optimizer
         # FLOPs per input token (teacher forward 2P, trained parameters forward and backward 6P)
         runs_forward = self.teacher is not None and self.teacher.model is not None and getattr(self.teacher, "runs_forward", True)
         teacher_params = sum(p.numel() for p in self.teacher.model.parameters()) if runs_forward else 0
@@ -189,7 +203,10 @@ class Engine:
 
     def _result_fields(self) -> dict[str, Any]:
         flat = flatten(self.recipe.model_dump(mode="json"))
-        return {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in RESULT_FIELDS)}
+        fields = {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in RESULT_FIELDS)}
+        if self.dist is not None:  # ranks read different rows of each batch
+            fields["world_size"] = self.dist.world_size
+        return fields
 
     # ------------------------------------------------------------------ the loop
 
@@ -200,11 +217,14 @@ class Engine:
         resume_from = Path(resume_from) if resume_from is not None else None
         start_from = self._check_output_dir(resume, overwrite, resume_from)
         self._build()  # bad input fails here, before anything in the output folder changes
-        if overwrite:
+        if overwrite and self.is_main:
             self._clear_output_dir()
+        self._barrier()
         step, best, before = 0, None, {}
         if start_from is not None:
-            if resume_from is not None:
+            if self.dist is not None:
+                state = self.dist.load(start_from.parent, start_from.name)
+            elif resume_from is not None:
                 state = ckpt.load_checkpoint(start_from, self.modules, self.optimizer)
             else:
                 start_from, state = self._load_newest_loadable(start_from)
@@ -213,10 +233,11 @@ class Engine:
             self.console.print(f"resuming from {start_from} (step {step})", soft_wrap=True)
         self.out.mkdir(parents=True, exist_ok=True)
         resolved_yaml = yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
-        (self.out / "recipe.yaml").write_text(resolved_yaml)
         plugins_file = self.out / "plugins.json"
-        plugins_file.write_text(json.dumps([{"kind": e.kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution,
-                                             "version": e.version} for e in self.registry], indent=1))
+        if self.is_main:
+            (self.out / "recipe.yaml").write_text(resolved_yaml)
+            plugins_file.write_text(json.dumps([{"kind": e.kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution,
+                                                 "version": e.version} for e in self.registry], indent=1))
         run_name = self.recipe.run_name or self.out.name
         self.tracker.start(run_name, flatten(self.recipe.model_dump(mode="json")), str(self.out))
         if start_from is None:
@@ -302,10 +323,9 @@ class Engine:
                     last.update(val)
                     if self.best_metric and self.best_metric in val and (best is None or val[self.best_metric] < best):
                         best = val[self.best_metric]
-                        ckpt.atomic_save_pretrained(self.student, self.tokenizer, self.out / "best")
+                        self._save_student(self.out / "best")
                 if t.save_every and (step % t.save_every == 0 or step == t.steps):
-                    ckpt.save_checkpoint(self.ckpt_root, step, self.modules, self.optimizer,
-                                         self._state(step, best, before), t.keep_checkpoints)
+                    self._save_checkpoint(step, self._state(step, best, before))
                 self.pm.hook.kd_step_finished(step=step, metrics=dict(metrics))
                 progress.update(task, completed=step, info=f"loss {metrics['train/loss']:.3f}  {metrics['train/tokens_per_s']:.0f} tok/s")
         if not (t.eval_every and self.evaluators) and self.evaluators:
@@ -315,27 +335,57 @@ class Engine:
         self._best = best
         return last
 
+    def _micro_batch(self, index: int):
+        """This rank's rows of global micro-batch `index` (all of it in a single process)."""
+        t = self.recipe.train
+        if self.dist is None:
+            return self.data.train_batch(index, t.batch_size).to(self.device)
+        whole = self.data.train_batch(index, t.batch_size * self.dist.world_size)
+        rows = slice(self.dist.rank * t.batch_size, (self.dist.rank + 1) * t.batch_size)
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return kdistill_batch(pick(whole.input_ids), pick(whole.labels), pick(whole.attention_mask), pick(whole.keys)).to(self.device)
+
     def _step(self, step: int) -> dict[str, float]:
         t = self.recipe.train
         for group in self.optimizer.param_groups:
             group["lr"] = t.lr * self.scheduler(step, t.steps)
-        batches = [self.data.train_batch(step * t.grad_accum + j, t.batch_size).to(self.device) for j in range(t.grad_accum)]
+        batches = [self._micro_batch(step * t.grad_accum + j) for j in range(t.grad_accum)]
         counted = sum(int(b.mask.sum()) for b in batches)
+        inputs = sum(b.input_ids.numel() for b in batches)
+        if self.dist is not None:
+            counted, inputs = (int(x) for x in self.dist.all_sum([counted, inputs]))
         self.context.total_tokens = max(counted, 1)
         total = 0.0
         terms: dict[str, float] = {}
+        grad_norm = None
         for batch in batches:
             loss, parts = self.strategy.loss(batch)
             loss = loss / self.context.total_tokens
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if self.dist is not None:
+                finite = self.dist.agree(finite)
+            if not finite:
                 return self._not_finite(step, f"the loss is {loss.item()}")
-            loss.backward()
+            if self.dist is not None:
+                # DeepSpeed averages gradients over ranks; each rank's loss is its share of the global mean
+                self.dist.backward(loss * self.dist.world_size)
+                grad_norm = self.dist.step()
+            else:
+                loss.backward()
             total += loss.item()
             for name, value in parts.items():
                 terms[f"train/{name}"] = terms.get(f"train/{name}", 0.0) + value.item() / self.context.total_tokens
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.dist is not None:
+            names = sorted(terms)
+            summed = self.dist.all_sum([total] + [terms[n] for n in names])
+            total, terms = summed[0], dict(zip(names, summed[1:]))
         metrics = {"train/loss": total, "train/lr": self.optimizer.param_groups[0]["lr"], **terms, "_tokens": counted,
-                   "_inputs": sum(b.input_ids.numel() for b in batches)}
+                   "_inputs": inputs}
+        if self.dist is not None:
+            if grad_norm is not None and t.grad_clip is not None:
+                metrics["train/grad_norm"] = grad_norm
+            return metrics
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if t.grad_clip is not None:
             metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
             if not math.isfinite(metrics["train/grad_norm"]):
@@ -343,6 +393,34 @@ class Engine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
+
+    def _barrier(self) -> None:
+        if self.dist is not None:
+            self.dist.barrier()
+
+    def _save_student(self, target: Path) -> None:
+        """save_pretrained on rank 0, with ZeRO-3's partitioned parameters gathered first."""
+        if self.dist is None:
+            ckpt.atomic_save_pretrained(self.student, self.tokenizer, target)
+            return
+        with self.dist.gathered(self.student):
+            if self.is_main:
+                ckpt.atomic_save_pretrained(self.student, self.tokenizer, target)
+        self._barrier()
+
+    def _save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        t = self.recipe.train
+        if self.dist is None:
+            ckpt.save_checkpoint(self.ckpt_root, step, self.modules, self.optimizer, state, t.keep_checkpoints)
+            return
+        # DeepSpeed writes each rank's shards; once every rank is done, rank 0 marks the folder complete
+        tag = f"{ckpt.PREFIX}{step:08d}"
+        self.dist.save(self.ckpt_root, tag, state)
+        self._barrier()
+        if self.is_main:
+            ckpt.mark_complete(self.ckpt_root / tag, step)
+            ckpt.prune(self.ckpt_root, t.keep_checkpoints)
+        self._barrier()
 
     def _not_finite(self, step: int, what: str) -> dict[str, float]:
         """A NaN/inf loss or gradient: stop (default) or, with `train.on_nonfinite: skip`, drop the
@@ -379,7 +457,9 @@ class Engine:
 
     def _finish(self, before: dict[str, float], last: dict[str, float]) -> dict[str, Any]:
         final = self.out / "final"
-        ckpt.atomic_save_pretrained(self.student, self.tokenizer, final)
+        self._save_student(final)
+        if not self.is_main:
+            return {"output_dir": str(self.out), "final_model": str(final), "before": before, "after": last}
         self.tracker.log_artifact(str(final), "model")
         plot = self._plot_losses()
         if plot is not None:
@@ -419,6 +499,22 @@ class Engine:
         if "mlflow_tracking_uri" in summary:
             self.console.print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}; "
                                f"see it with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}", soft_wrap=True)
+
+
+class _NoTracker:
+    """Ranks other than 0 track nothing."""
+
+    def start(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, *args, **kwargs):
+        pass
+
+    def log_artifact(self, *args, **kwargs):
+        pass
+
+    def finish(self, *args, **kwargs):
+        pass
 
 
 def run_recipe(recipe: str | Path | Mapping[str, Any], overrides=(), resume: bool = False, overwrite: bool = False,

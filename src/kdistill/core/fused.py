@@ -29,7 +29,9 @@ def fused_supported(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    # a ZeRO-3 partitioned weight (ds_id) is whole only inside its module's forward: use full logits
     return (isinstance(head, nn.Linear) and head.bias is None and base is not None and base is not model
+            and getattr(head.weight, "ds_id", None) is None
             and getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
             and getattr(config, "logits_scaling", None) is None and not getattr(config, "output_multiplier_scale", None))
 

@@ -98,6 +98,9 @@ class Offline(kdistill.Strategy):
 
     def loss(self, batch):
         ctx = self.context
+        if self.use_fused and not fused_supported(ctx.student):  # e.g. partitioned by ZeRO-3 after setup
+            self.use_fused = False
+            log.info("logit losses on the full-logits path (the output projection is partitioned)")
         want_teacher = self._teacher_needed and ctx.teacher is not None
         needs = kdistill.Needs(logits=not self.use_fused, final_hidden=self.use_fused,
                                hidden_layers=self._t_hidden, attention_layers=self._t_attention)
