@@ -73,6 +73,30 @@ def distillation_flops(teacher_params: float, student_params: float, distill_tok
     return Flops(teacher, student, (teacher + student) * distill_tokens, student * pretrain_tokens)
 
 
+@dataclass
+class ZeroMemory:
+    stage: int
+    student_bytes: float  # per GPU: weights, gradients and optimizer state of the student
+    teacher_bytes: float  # per GPU: the teacher's weights (inference only)
+
+    @property
+    def total(self) -> float:
+        return self.student_bytes + self.teacher_bytes
+
+
+def zero_memory(teacher_params: float, student_params: float, gpus: int, teacher_partitioned: bool) -> list[ZeroMemory]:
+    """Model-state memory per GPU for each ZeRO stage, as the ZeRO paper counts it for mixed-precision
+    Adam: per student parameter 2 bytes of bf16 weights, 2 of bf16 gradients and 12 of float32 optimizer
+    state (master weights, momentum, variance). Stage 1 partitions the 12, stage 2 also the gradients,
+    stage 3 also the weights. The teacher holds only bf16 weights (2 bytes per parameter), on every GPU
+    or partitioned with ZeRO-3. Activations and buffers are not counted."""
+    n = float(gpus)
+    s = float(student_params)
+    student = {0: 16 * s, 1: 4 * s + 12 * s / n, 2: 2 * s + 14 * s / n, 3: 16 * s / n}
+    teacher = 2 * float(teacher_params) / (n if teacher_partitioned else 1)
+    return [ZeroMemory(stage, student[stage], teacher) for stage in range(4)]
+
+
 # --------------------------------------------------------------------------- over a recipe's models
 
 

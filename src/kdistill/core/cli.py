@@ -197,6 +197,25 @@ def flops(teacher_params: float = typer.Option(..., help="teacher parameters, e.
     print(f"distillation / pretraining: {f.ratio:.2%}")
 
 
+@app.command("zero-memory")
+def zero_memory(teacher_params: float = typer.Option(..., help="teacher parameters, e.g. 70e9"),
+                student_params: float = typer.Option(..., help="student parameters, e.g. 8e9"),
+                gpus: int = typer.Option(8, min=1, help="data-parallel GPUs")) -> None:
+    """Model-state memory per GPU for ZeRO stages 0-3 (bf16 + Adam), teacher replicated or partitioned."""
+    from kdistill.analysis import zero_memory as compute
+
+    if min(teacher_params, student_params) <= 0:
+        _fail(KdistillError("zero-memory: parameter counts must be positive"))
+    gib = 2 ** 30
+    print(f"teacher {teacher_params:.3g} parameters, student {student_params:.3g}, {gpus} GPUs; GiB per GPU "
+          "(model states only: bf16 weights and gradients, float32 Adam state; no activations)")
+    print("| ZeRO stage | student | teacher replicated | total | teacher ZeRO-3 | total |")
+    print("|---|---|---|---|---|---|")
+    for rep, part in zip(compute(teacher_params, student_params, gpus, False), compute(teacher_params, student_params, gpus, True)):
+        print(f"| {rep.stage} | {rep.student_bytes / gib:.1f} | {rep.teacher_bytes / gib:.1f} | {rep.total / gib:.1f} | "
+              f"{part.teacher_bytes / gib:.1f} | {part.total / gib:.1f} |")
+
+
 def _track_side_run(plan, suffix: str, params: dict, metrics: list[dict], files: list[Path], folder: Path) -> None:
     """Log an analysis (a sweep, a teacher report) as a tracker run of its own, beside training runs."""
     tracker = plan.one("tracker").build()

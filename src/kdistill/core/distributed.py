@@ -185,10 +185,15 @@ class DeepSpeedRun:
         self.engine.save_checkpoint(str(root), tag=tag, client_state={"kdistill": dict(state)})
 
     def load(self, root: Path, tag: str) -> dict[str, Any]:
-        path, client = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+        try:
+            path, client = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed asserts or raises on missing or broken files
+            why = str(exc).splitlines()[0] if str(exc) else "its files are missing or unreadable"
+            raise KdistillError(f"--resume: DeepSpeed could not load the checkpoint {root / tag} "
+                                f"({type(exc).__name__}: {why})") from None
         if path is None:  # DeepSpeed alone would carry on from scratch
-            raise KdistillError(f"--resume: DeepSpeed found no checkpoint '{tag}' under {root}")
+            raise KdistillError(f"--resume: DeepSpeed found no checkpoint {root / tag}")
         return dict(client["kdistill"])
 
     def gathered(self, module: nn.Module):
