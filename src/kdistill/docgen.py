@@ -1,0 +1,110 @@
+"""Documentation pages generated from the code, so they cannot drift from it.
+
+`component_pages` writes one page per component kind from the installed components' `Options`
+models; `recipe_schema_page` the recipe's fields from the static pydantic models; `strategy_pages`
+one page per strategy with the shipped recipes that use it. The MkDocs hook in
+`tools/mkdocs_hooks.py` adds them to the site at build time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from kdistill.core.components import KINDS
+from kdistill.core.config import DistributedSpec, FromTeacher, Recipe, StudentSpec, TrainSpec
+from kdistill.core.registry import Registry
+
+RECIPES_DIR = Path(__file__).resolve().parent / "strategies" / "recipes"
+KIND_TITLES = {"teacher": "Teacher providers", "loss": "Losses", "layer_mapper": "Layer mappers", "scheduler": "Schedulers",
+               "evaluator": "Evaluators", "strategy": "Strategies", "data_source": "Data sources", "tracker": "Trackers"}
+PAGE_OF_KIND = {"teacher": "teachers.md", "loss": "losses.md", "layer_mapper": "layer-mappers.md", "scheduler": "schedulers.md",
+                "evaluator": "evaluators.md", "strategy": "strategies.md", "data_source": "data-sources.md", "tracker": "trackers.md"}
+SLOT_OF_KIND = {"teacher": "teacher", "loss": "losses[]", "layer_mapper": "layer_mapper", "scheduler": "scheduler",
+                "evaluator": "evaluators[]", "strategy": "strategy", "data_source": "data", "tracker": "tracker"}
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    text = text or repr(annotation)
+    text = re.sub(r"\b(typing|pydantic\.types|kdistill\.[\w.]+|annotated_types)\.", "", text)
+    text = text.replace("NoneType", "None").replace("<class '", "").replace("'>", "")
+    return text
+
+
+def _default(field: pydantic.fields.FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, pydantic.BaseModel):
+        value = value.model_dump(mode="json")
+    return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def options_table(model: type[pydantic.BaseModel]) -> str:
+    if not model.model_fields:
+        return "No options.\n"
+    rows = ["| option | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        rows.append(f"| `{name}` | `{_cell(_type_name(field.annotation))}` | {_cell(_default(field))} | {_cell(field.description or '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def component_pages(registry: Registry) -> dict[str, str]:
+    """{file name: markdown} with one page per component kind."""
+    pages = {}
+    for kind in KINDS:
+        title = KIND_TITLES[kind]
+        lines = [f"# {title}", "",
+                 f"Generated from the installed components' code: every `{kind}` component with its options "
+                 f"(recipe slot `{SLOT_OF_KIND[kind]}`, as `{{name: NAME, options: {{...}}}}`).", ""]
+        for entry in (e for e in registry if e.kind == kind):
+            doc = (entry.cls.__doc__ or "").strip()
+            lines += [f"## `{entry.name}`", "", f"From {entry.source}, class `{entry.cls.__module__}.{entry.cls.__qualname__}`.", ""]
+            if doc:
+                lines += [" ".join(doc.split()), ""]
+            lines += [options_table(entry.cls.Options)]
+        pages[PAGE_OF_KIND[kind]] = "\n".join(lines)
+    return pages
+
+
+def recipe_schema_page() -> str:
+    sections = [("Top level", Recipe), ("`student`", StudentSpec), ("`student.from_teacher`", FromTeacher),
+                ("`train`", TrainSpec), ("`distributed`", DistributedSpec)]
+    lines = ["# Recipe fields (generated)", "",
+             "Every field of a recipe with its type and default, read from the pydantic models that validate it. "
+             "[Recipe reference](../recipes.md) explains them; `kdistill schema` prints the JSON Schema with every "
+             "installed component's options.", ""]
+    for title, model in sections:
+        lines += [f"## {title}", "", options_table(model).replace("| option |", "| field |")]
+    return "\n".join(lines)
+
+
+def shipped_recipes() -> dict[str, dict[str, Any]]:
+    return {path.stem: yaml.safe_load(path.read_text()) for path in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def strategy_pages(registry: Registry) -> dict[str, str]:
+    """{file name: markdown}: per strategy, what it does, its options, and the shipped recipes using it."""
+    recipes = shipped_recipes()
+    pages = {}
+    for entry in (e for e in registry if e.kind == "strategy"):
+        lines = [f"# Strategy `{entry.name}`", "", " ".join((entry.cls.__doc__ or "").split()), "", "## Options", "",
+                 options_table(entry.cls.Options), "## Shipped recipes", ""]
+        using = [name for name, raw in recipes.items() if (raw.get("strategy") or {"name": "offline"})["name"] == entry.name]
+        for name in using:
+            text = (RECIPES_DIR / f"{name}.yaml").read_text()
+            lines += [f"### `{name}`", "", f"`kdistill run {name}`; what it measured: [results](../results.md).", "",
+                      "```yaml", text.rstrip(), "```", ""]
+        if not using:
+            lines += ["None yet.", ""]
+        pages[f"{entry.name}.md"] = "\n".join(lines)
+    return pages
