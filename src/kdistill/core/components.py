@@ -286,8 +286,16 @@ class Strategy(Component):
     def trainable(self) -> Mapping[str, nn.Module]:
         raise NotImplementedError
 
+    def param_groups(self) -> list[dict[str, Any]] | None:
+        """Optimizer groups `{"name", "params", "lr_scale"}` when models train at different learning
+        rates (each group is then clipped on its own, like a separate optimizer); None: one group."""
+        return None
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (an EMA teacher updates here)."""
 
 
 class DataSource(Component):

@@ -150,7 +150,10 @@ class Engine:
         self.modules = dict(self.strategy.trainable())
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         t = recipe.train
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        groups = self.strategy.param_groups() or [{"name": "all", "params": params, "lr_scale": 1.0}]
+        self.optimizer = torch.optim.AdamW([{"params": [p for p in g["params"] if p.requires_grad], "name": g["name"],
+                                             "lr_scale": float(g.get("lr_scale", 1.0)), "lr": t.lr * float(g.get("lr_scale", 1.0))}
+                                            for g in groups], lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         if self.dist is not None:
             if self.teacher is not None and self.teacher.model is not None and getattr(self.teacher, "runs_forward", True):
                 self.teacher.model = self.dist.wrap_teacher(self.teacher.model, t.batch_size)
@@ -348,7 +351,7 @@ class Engine:
     def _step(self, step: int) -> dict[str, float]:
         t = self.recipe.train
         for group in self.optimizer.param_groups:
-            group["lr"] = t.lr * self.scheduler(step, t.steps)
+            group["lr"] = t.lr * group.get("lr_scale", 1.0) * self.scheduler(step, t.steps)
         batches = [self._micro_batch(step * t.grad_accum + j) for j in range(t.grad_accum)]
         counted = sum(int(b.mask.sum()) for b in batches)
         inputs = sum(b.input_ids.numel() for b in batches)
@@ -384,14 +387,17 @@ class Engine:
         if self.dist is not None:
             if grad_norm is not None and t.grad_clip is not None:
                 metrics["train/grad_norm"] = grad_norm
+            self.strategy.after_step()
             return metrics
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if t.grad_clip is not None:
-            metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+            # each group clipped on its own (one group: the usual global clipping); the reported norm is global
+            norms = [float(torch.nn.utils.clip_grad_norm_(g["params"], t.grad_clip)) for g in self.optimizer.param_groups]
+            metrics["train/grad_norm"] = math.sqrt(sum(n * n for n in norms))
             if not math.isfinite(metrics["train/grad_norm"]):
                 return self._not_finite(step, f"the gradient norm is {metrics['train/grad_norm']}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.after_step()
         return metrics
 
     def _barrier(self) -> None:

@@ -40,6 +40,16 @@ class FeatureBridge(nn.Module):
         self.mixer = mixer
 
 
+def frozen_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask, needs) -> kdistill.ModelOutputs:
+    """A model's outputs without gradients: final hidden states and output weight when the fused path
+    asks for them and the model allows it, else full logits."""
+    with torch.no_grad():
+        if needs.final_hidden and not needs.logits and fused_supported(model):
+            return final_hidden(model, input_ids, attention_mask)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return kdistill.ModelOutputs(logits=out.logits)
+
+
 class Offline(kdistill.Strategy):
     """The teacher is frozen; the student minimises the weighted sum of the recipe's losses.
 
@@ -101,16 +111,17 @@ class Offline(kdistill.Strategy):
         if self.use_fused and not fused_supported(ctx.student):  # e.g. partitioned by ZeRO-3 after setup
             self.use_fused = False
             log.info("logit losses on the full-logits path (the output projection is partitioned)")
-        want_teacher = self._teacher_needed and ctx.teacher is not None
+        want_teacher = self._teacher_needed and self.has_teacher()
         needs = kdistill.Needs(logits=not self.use_fused, final_hidden=self.use_fused,
                                hidden_layers=self._t_hidden, attention_layers=self._t_attention)
-        teacher_out = ctx.teacher.outputs(batch, needs) if want_teacher else None
+        teacher_out = self.teacher_outputs(batch, needs) if want_teacher else None
         with capture(ctx.student, self._s_hidden, self._s_attention) as captured:
             if self.use_fused:
                 student_out = final_hidden(ctx.student, batch.input_ids, batch.attention_mask)
             else:
                 out = ctx.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
                 student_out = kdistill.ModelOutputs(logits=out.logits)
+        self.last_student = student_out  # for strategies that add heads on top (mtp-self)
         total, terms = 0.0, {}
         if self.use_fused:
             mask = batch.mask
@@ -127,6 +138,13 @@ class Offline(kdistill.Strategy):
             extra, extra_terms = self._weighted(s_feat, t_feat, batch, self._feature_losses)
             total, terms = total + extra, {**terms, **extra_terms}
         return total, terms
+
+    def has_teacher(self) -> bool:
+        return self.context.teacher is not None
+
+    def teacher_outputs(self, batch, needs):
+        """What the losses compare the student with; self-distillation strategies override this."""
+        return self.context.teacher.outputs(batch, needs)
 
     def _features(self, captured, teacher_out):
         s_hidden, t_hidden, s_attn, t_attn = {}, {}, {}, {}

@@ -1,0 +1,177 @@
+"""Training strategies on tiny models: what trains, what stays frozen, exact resume, and each one's own rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdistill.strategies.mtp_self import MTPHeads
+from kdistill.strategies.multi_view import augment
+
+from test_engine import engine_for
+
+STRATEGIES = {
+    "online": {"teacher_lr_scale": 0.5},
+    "mutual": {"peer_layers": [[1, 2]]},
+    "ema-self": {"decay": 0.9},
+    "multi-view": {"view": "mask", "rate": 0.2},
+    "mtp-self": {"n_future": 2},
+}
+
+
+def strategy_recipe(recipe_factory, name, **train):
+    raw = recipe_factory(**{"steps": 4, "save_every": 2, "keep_checkpoints": 3, "eval_every": 0, **train})
+    raw["strategy"] = {"name": name, "options": STRATEGIES[name]}
+    raw["evaluators"] = []
+    return raw
+
+
+def checkpoint_modules(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_resume_is_exact(recipe_factory, tmp_path, name):
+    raw = strategy_recipe(recipe_factory, name)
+    engine_for(raw).run()
+    run = tmp_path / "run"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    shutil.rmtree(resumed / "final")
+    again = json.loads(json.dumps(raw))
+    again["output_dir"] = str(resumed)
+    engine_for(again).run(resume=True)
+    a, b = checkpoint_modules(run / "checkpoints" / "step-00000004"), checkpoint_modules(resumed / "checkpoints" / "step-00000004")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), name  # every trained module, EMA and heads included
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    after = module.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_online_trains_the_teacher_at_its_own_rate(recipe_factory):
+    engine = engine_for(strategy_recipe(recipe_factory, "online", steps=2))
+    engine._build()
+    teacher, student = engine.teacher.model, engine.student
+    t0, s0 = snapshot(teacher), snapshot(student)
+    assert {g["name"]: g["lr"] for g in engine.optimizer.param_groups} == {"student": 1e-3, "teacher": 5e-4}
+    for step in range(2):
+        metrics = engine._step(step)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert len(changed(t0, teacher)) == len(t0) and len(changed(s0, student)) == len(s0)
+    assert metrics["train/teacher_ce"] > 0 and metrics["train/forward-kl"] > 0
+
+
+def test_online_student_gradient_does_not_reach_the_teacher(recipe_factory):
+    engine = engine_for(strategy_recipe(recipe_factory, "online"))
+    engine._build()
+    engine.strategy.options = engine.strategy.Options(teacher_weight=0.0)
+    batch = engine._micro_batch(0)
+    total, _ = engine.strategy.loss(batch)
+    total.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in engine.teacher.model.parameters())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in engine.student.parameters())
+
+
+def test_mutual_trains_every_peer_and_leaves_the_teacher_alone(recipe_factory):
+    engine = engine_for(strategy_recipe(recipe_factory, "mutual"))
+    engine._build()
+    peer = engine.strategy.peers[1]
+    p0, s0, t0 = snapshot(peer), snapshot(engine.student), snapshot(engine.teacher.model)
+    metrics = engine._step(0)
+    assert len(changed(p0, peer)) == len(p0) and len(changed(s0, engine.student)) == len(s0)
+    assert not changed(t0, engine.teacher.model)
+    assert {"train/forward-kl", "train/peer1_forward-kl", "train/cross-entropy", "train/peer1_cross-entropy"} <= set(metrics)
+
+
+def test_ema_follows_the_student_by_the_closed_form(recipe_factory):
+    engine = engine_for(strategy_recipe(recipe_factory, "ema-self"))
+    engine._build()
+    ema = engine.strategy.ema
+    start = snapshot(ema)
+    assert not any(p.requires_grad for p in ema.parameters())
+    engine._step(0)
+    after_student = snapshot(engine.student)
+    for name, value in ema.named_parameters():
+        assert torch.allclose(value, 0.9 * start[name] + 0.1 * after_student[name], atol=1e-7), name
+    trained = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in trained for p in ema.parameters())
+
+
+def test_views_keep_positions_and_labels_aligned():
+    ids = torch.arange(2 * 64).reshape(2, 64) % 50 + 10
+    masked = augment(ids, "mask", 0.25, 4, 4, 0, seed=0)
+    share = (masked == 0).float().mean().item()
+    assert 0.1 < share < 0.4 and torch.equal(masked[masked != 0], ids[masked != 0])
+    assert torch.equal(masked, augment(ids, "mask", 0.25, 4, 4, 0, seed=0))  # a pure function of the ids
+    assert not torch.equal(masked, augment(ids, "mask", 0.25, 4, 4, 0, seed=1))
+    spans = augment(ids, "span", 0.3, 4, 4, 0, seed=0)
+    assert (spans == 0).any()
+    shuffled = augment(ids, "shuffle", 0.1, 4, 8, 0, seed=0)
+    assert not torch.equal(shuffled, ids)
+    for start in range(0, 64, 8):  # each window holds the same tokens, in another order
+        assert torch.equal(shuffled[:, start:start + 8].sort().values, ids[:, start:start + 8].sort().values)
+
+
+def test_multi_view_teacher_sees_the_view_and_the_student_trains(recipe_factory):
+    engine = engine_for(strategy_recipe(recipe_factory, "multi-view"))
+    engine._build()
+    s0 = snapshot(engine.student)
+    seen = []
+    original = engine.strategy.view
+    engine.strategy.view = lambda ids: seen.append(ids) or original(ids)
+    metrics = engine._step(0)
+    assert seen and len(changed(s0, engine.student)) == len(s0)
+    assert metrics["train/forward-kl"] > 0
+
+
+def test_mtp_heads_are_causal():
+    torch.manual_seed(0)
+    heads = MTPHeads(width=16, attention_heads=4, n_future=3).eval()
+    hidden = torch.randn(2, 12, 16)
+    later = hidden.clone()
+    later[:, 7] += torch.randn(16) * 3  # change position 7 only (not by a constant: layer norm would remove it)
+    with torch.no_grad():
+        a, b = heads(hidden), heads(later)
+    for x, y in zip(a, b):
+        assert torch.allclose(x[:, :7], y[:, :7], atol=1e-6), "a head saw a later position"
+        assert not torch.allclose(x[:, 7:], y[:, 7:])
+
+
+def test_mtp_future_token_does_not_change_earlier_auxiliary_outputs(recipe_factory):
+    """Through the whole model: changing input token j leaves every auxiliary head's output before j alone."""
+    engine = engine_for(strategy_recipe(recipe_factory, "mtp-self"))
+    engine._build()
+    from kdistill.core.fused import final_hidden
+
+    batch = engine._micro_batch(0)
+    ids = batch.input_ids.clone()
+    changed_ids = ids.clone()
+    j = ids.shape[1] // 2
+    changed_ids[:, j] = (changed_ids[:, j] + 7) % engine.student.config.vocab_size
+    with torch.no_grad():
+        outs = [engine.strategy.heads(final_hidden(engine.student, x, None).final_hidden) for x in (ids, changed_ids)]
+    for x, y in zip(*outs):
+        assert torch.allclose(x[:, :j], y[:, :j], atol=1e-5)
+        assert not torch.allclose(x[:, j:], y[:, j:], atol=1e-5)
+
+
+def test_mtp_trains_the_heads_and_the_student(recipe_factory):
+    engine = engine_for(strategy_recipe(recipe_factory, "mtp-self"))
+    engine._build()
+    h0, s0, t0 = snapshot(engine.strategy.heads), snapshot(engine.student), snapshot(engine.teacher.model)
+    metrics = engine._step(0)
+    assert len(changed(h0, engine.strategy.heads)) == len(h0) and len(changed(s0, engine.student)) == len(s0)
+    assert not changed(t0, engine.teacher.model)
+    assert metrics["train/mtp_ce"] > 0 and metrics["train/mtp_distill"] > 0
