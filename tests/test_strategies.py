@@ -175,3 +175,69 @@ def test_mtp_trains_the_heads_and_the_student(recipe_factory):
     assert len(changed(h0, engine.strategy.heads)) == len(h0) and len(changed(s0, engine.student)) == len(s0)
     assert not changed(t0, engine.teacher.model)
     assert metrics["train/mtp_ce"] > 0 and metrics["train/mtp_distill"] > 0
+
+
+def mixture_source(tiny_assets, tmp_path, weights=(0.3, 0.7), seed=0):
+    from kdistill.plugins.data.mixture import Mixture
+    from transformers import AutoTokenizer
+
+    task = tmp_path / "task.txt"
+    task.write_text("thou shalt not pass the bridge of the king.\n" * 4)  # a small task source
+    options = Mixture.Options(seq_len=16, val_fraction=0.1, sources=[
+        {"name": "task", "paths": [str(task)], "weight": weights[0]},
+        {"name": "general", "paths": [tiny_assets["corpus"]], "weight": weights[1]}])
+    source = Mixture(options)
+    source.setup(AutoTokenizer.from_pretrained(tiny_assets["teacher"], local_files_only=True), seed)
+    return source
+
+
+def test_mixture_share_of_task_draws_matches_the_weight(tiny_assets, tmp_path):
+    source = mixture_source(tiny_assets, tmp_path, weights=(0.3, 0.7))
+    drawn = source.sources_of(range(2000))
+    share = drawn.count(0) / 2000
+    assert abs(share - 0.3) <= 0.03, share
+
+
+def test_mixture_restarts_an_exhausted_source_with_each_block_once_per_epoch(tiny_assets, tmp_path):
+    source = mixture_source(tiny_assets, tmp_path, weights=(0.5, 0.5))
+    task = source.parts[0]
+    n = task.n_train
+    assert n < 20  # a small task source, drawn many times over
+    rows = [row for s, row in zip(*source._rows(range(400))) if s == 0]
+    assert len(rows) > 3 * n
+    for epoch in range(len(rows) // n):
+        assert sorted(rows[epoch * n:(epoch + 1) * n]) == sorted(task._train.tolist()), epoch
+    assert rows[:n] != rows[n:2 * n]  # a new order each epoch
+
+
+def test_mixture_is_deterministic_and_order_free(tiny_assets, tmp_path):
+    a = mixture_source(tiny_assets, tmp_path)
+    b = mixture_source(tiny_assets, tmp_path)
+    late = b.train_batch(37, 4)  # b reads batch 37 first, as a resumed run would
+    assert torch.equal(a.train_batch(37, 4).input_ids, late.input_ids)
+    for i in range(5):
+        x, y = a.train_batch(i, 4), b.train_batch(i, 4)
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.keys, y.keys)
+        assert torch.equal(b.batch_for_keys(y.keys).input_ids, y.input_ids)
+    c = mixture_source(tiny_assets, tmp_path, seed=1)
+    assert not torch.equal(c.train_batch(0, 8).input_ids, a.train_batch(0, 8).input_ids)
+    assert c.fingerprint() != a.fingerprint()
+
+
+def test_mixture_in_a_run_resumes_exactly(recipe_factory, tiny_assets, tmp_path):
+    task = tmp_path / "task.txt"
+    task.write_text("thou shalt not pass the bridge of the king.\n" * 50)
+    raw = recipe_factory(steps=4, save_every=2, keep_checkpoints=3, eval_every=0)
+    raw["data"] = {"name": "mixture", "options": {"seq_len": 32, "val_fraction": 0.1, "max_val_blocks": 4, "sources": [
+        {"name": "task", "paths": [str(task)], "weight": 0.5}, {"name": "general", "paths": [tiny_assets["corpus"]], "weight": 0.5}]}}
+    engine_for(raw).run()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    shutil.rmtree(resumed / "final")
+    again = json.loads(json.dumps(raw))
+    again["output_dir"] = str(resumed)
+    engine_for(again).run(resume=True)
+    a = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    b = load_file(str(resumed / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
