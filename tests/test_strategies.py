@@ -241,3 +241,81 @@ def test_mixture_in_a_run_resumes_exactly(recipe_factory, tiny_assets, tmp_path)
     a = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     b = load_file(str(resumed / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def chain_recipe(recipe_factory):
+    raw = recipe_factory(steps=2, save_every=1, keep_checkpoints=3, eval_every=0)
+    raw["student"] = {"from_teacher": {"layers": [0, 2]}}  # cut from the intermediate student (3 layers)
+    raw["strategy"] = {"name": "progressive", "options": {"stages": [
+        {"name": "mid", "student": {"from_teacher": {"layers": [0, 2, 3]}}, "steps": 2}]}}
+    return raw
+
+
+def test_progressive_chain_nested_runs_and_resume_skipping_finished_stages(recipe_factory, tmp_path, monkeypatch):
+    import kdistill
+    from kdistill.core.config import resolve
+    from kdistill.core.engine import Engine
+    from kdistill.core.plugins import make_plugin_manager
+    from kdistill.core.registry import Registry
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = chain_recipe(recipe_factory)
+    raw["tracker"] = {"name": "mlflow", "options": {"experiment": "chain"}}
+    started = []
+
+    class Count:
+        @kdistill.hookimpl
+        def kd_run_started(self, recipe, output_dir):
+            started.append(output_dir)
+
+    def engine(recipe):
+        pm = make_plugin_manager(extra_plugins=[("count", Count())])
+        registry = Registry.from_plugins(pm)
+        return Engine(resolve(recipe, registry), pm, registry)
+
+    summary = engine(raw).run()
+    run = tmp_path / "run"
+    assert started == [str(run / "stages" / "mid"), str(run / "stages" / "final")]
+    import yaml
+
+    final_recipe = yaml.safe_load((run / "stages" / "final" / "recipe.yaml").read_text())
+    assert final_recipe["teacher"]["options"]["model"] == str(run / "stages" / "mid" / "final")
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(run / "stages" / "mid" / "final").num_hidden_layers == 3
+    assert AutoConfig.from_pretrained(run / "final").num_hidden_layers == 2
+    assert set(summary["stages"]) == {"mid", "final"}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("chain").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "run")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"run-mid", "run-final"} and parent.info.status == "FINISHED"
+
+    # the last stage dies after its first checkpoint: --resume skips "mid" and resumes "final" exactly
+    reference = load_file(str(run / "final" / "model.safetensors"))
+    stage = run / "stages" / "final"
+    (stage / "summary.json").unlink()
+    shutil.rmtree(stage / "final")
+    shutil.rmtree(stage / "checkpoints" / "step-00000002")
+    shutil.rmtree(run / "final")
+    mid_mtime = (run / "stages" / "mid" / "final" / "model.safetensors").stat().st_mtime_ns
+    started.clear()
+    engine(raw).run(resume=True)
+    assert started == [str(stage)]
+    assert (run / "stages" / "mid" / "final" / "model.safetensors").stat().st_mtime_ns == mid_mtime
+    again = load_file(str(run / "final" / "model.safetensors"))
+    assert all(torch.equal(reference[k], again[k]) for k in reference)
+
+
+def test_progressive_validates_every_stage_before_running(recipe_factory, tmp_path):
+    from kdistill.core.errors import KdistillError
+
+    raw = chain_recipe(recipe_factory)
+    raw["strategy"]["options"]["stages"][0]["student"] = {"from_teacher": {"layers": [0]}, "dtype": "float8"}
+    with pytest.raises(KdistillError) as err:
+        engine_for(raw).run()
+    assert str(err.value).startswith("strategy.options.stages[0] (mid): student.dtype: ")
+    assert not (tmp_path / "run").exists()

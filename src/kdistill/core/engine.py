@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -218,6 +219,10 @@ class Engine:
         """Train. `resume`: from the newest checkpoint that loads (falling back with a warning);
         `resume_from`: from exactly that checkpoint or fail; `force`: accept a changed recipe or data."""
         resume_from = Path(resume_from) if resume_from is not None else None
+        if getattr(self.plan.one("strategy").entry.cls, "chain", False):
+            if resume_from is not None:
+                raise KdistillError("--resume-from: a chain of stages resumes with --resume")
+            return self._run_chain(resume, overwrite, force)
         start_from = self._check_output_dir(resume, overwrite, resume_from)
         self._build()  # bad input fails here, before anything in the output folder changes
         if overwrite and self.is_main:
@@ -259,6 +264,67 @@ class Engine:
         finally:
             self.tracker.finish(status)
             self.pm.hook.kd_run_finished(output_dir=str(self.out), metrics=dict(last), status=status)
+
+    def _run_chain(self, resume: bool, overwrite: bool, force: bool) -> dict[str, Any]:
+        """Stages one after another (progressive distillation), each a complete run of its own, tracked
+        as nested runs of this one; finished stages are skipped on --resume."""
+        if resume and overwrite:
+            raise KdistillError("--resume and --overwrite exclude each other")
+        run_name = self.recipe.run_name or self.out.name
+        stages = self.plan.one("strategy").build().stage_recipes(self.plan.raw, self.out, run_name)
+        plans, problems = [], []
+        for i, (name, raw) in enumerate(stages):  # every stage validated before anything runs
+            try:
+                plans.append(resolve(raw, self.registry))
+            except KdistillError as exc:
+                problems += [f"strategy.options.stages[{i}] ({name}): {p}" for p in exc.problems]
+        if problems:
+            raise KdistillError(problems)
+        folder = self.out / "stages"
+        if resume and not folder.is_dir():
+            raise KdistillError(f"--resume: nothing to resume under {folder}")
+        if folder.exists() and not (resume or overwrite):
+            raise KdistillError(f"output_dir: {self.out} already holds stages; pass --resume to continue or --overwrite to start over")
+        if overwrite:
+            shutil.rmtree(folder, ignore_errors=True)
+            for name in ("final", "summary.json", "metrics.jsonl", "mlflow_run.json"):
+                target = self.out / name
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+        self.tracker = self.plan.one("tracker").build()
+        self.tracker.start(run_name, flatten(self.recipe.model_dump(mode="json")), str(self.out))
+        status, results = "FAILED", {}
+        try:
+            for i, ((name, raw), plan) in enumerate(zip(stages, plans)):
+                stage_out = Path(raw["output_dir"])
+                if (stage_out / "summary.json").is_file() and (stage_out / "final").is_dir():
+                    self.console.print(f"stage {name}: finished earlier, skipped", soft_wrap=True)
+                    results[name] = json.loads((stage_out / "summary.json").read_text())
+                    continue
+                again = resume and ckpt.latest_complete(stage_out / "checkpoints")[0] is not None
+                self.console.print(f"stage {i + 1}/{len(stages)}: {name}" + (" (resuming)" if again else ""), soft_wrap=True)
+                results[name] = Engine(plan, self.pm, self.registry).run(resume=again, overwrite=not again and stage_out.exists(),
+                                                                         force=force)
+                self.tracker.log_metrics({f"{name}/{k}": v for k, v in results[name]["after"].items()
+                                          if isinstance(v, (int, float))}, step=i + 1)
+            last = results[stages[-1][0]]
+            final = self.out / "final"
+            tmp = self.out / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(last["final_model"], tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            summary = {"output_dir": str(self.out), "final_model": str(final),
+                       "before": results[stages[0][0]]["before"], "after": last["after"],
+                       "stages": {name: {"before": r["before"], "after": r["after"], "final_model": r["final_model"]}
+                                  for name, r in results.items()}}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.tracker.log_artifact(str(final), "model")
+            status = "FINISHED"
+            return summary
+        finally:
+            self.tracker.finish(status)
 
     def _load_newest_loadable(self, newest: Path) -> tuple[Path, dict[str, Any]]:
         """Load `newest`; if it is corrupt, warn naming it and fall back to older complete ones."""

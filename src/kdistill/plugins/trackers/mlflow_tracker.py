@@ -56,10 +56,11 @@ class MlflowTracker(kdistill.Tracker):
             mlflow.set_experiment(self.options.experiment)
             id_file = Path(output_dir) / _RUN_ID_FILE
             previous = json.loads(id_file.read_text())["run_id"] if id_file.exists() else None
+            nested = mlflow.active_run() is not None  # a stage of a progressive chain: a child of the chain's run
             if previous:
-                run = mlflow.start_run(run_id=previous)
+                run = mlflow.start_run(run_id=previous, nested=nested)
             else:
-                run = mlflow.start_run(run_name=run_name)
+                run = mlflow.start_run(run_name=run_name, nested=nested)
                 mlflow.log_params({k: str(v)[:6000] for k, v in self._params.items()})
                 Path(output_dir).mkdir(parents=True, exist_ok=True)
                 id_file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
