@@ -102,7 +102,7 @@ def strategy_pages(registry: Registry) -> dict[str, str]:
         using = [name for name, raw in recipes.items() if (raw.get("strategy") or {"name": "offline"})["name"] == entry.name]
         for name in using:
             text = (RECIPES_DIR / f"{name}.yaml").read_text()
-            lines += [f"### `{name}`", "", f"`kdistill run {name}`; what it measured: [results](../results.md).", "",
+            lines += [f"### `{name}`", "", f"`kdistill run {name}`; what it measured: [strategies](../strategies.md#measured-on-the-quickstart).", "",
                       "```yaml", text.rstrip(), "```", ""]
         if not using:
             lines += ["None yet.", ""]
