@@ -319,3 +319,15 @@ def test_progressive_validates_every_stage_before_running(recipe_factory, tmp_pa
         engine_for(raw).run()
     assert str(err.value).startswith("strategy.options.stages[0] (mid): student.dtype: ")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is None,
+                    reason="needs bitsandbytes: pip install 'kdistill[quant]' (.ci/run does)")
+def test_online_refuses_a_quantized_teacher_it_could_not_train(recipe_factory):
+    from kdistill.core.errors import KdistillError
+
+    raw = strategy_recipe(recipe_factory, "online")
+    raw["teacher"]["options"]["quantization"] = "nf4"
+    with pytest.raises(KdistillError) as err:
+        engine_for(raw).run()
+    assert str(err.value) == "teacher.options.quantization: an online teacher trains, so it cannot be quantized"

@@ -23,7 +23,7 @@ import yaml
 
 from kdistill.__about__ import __version__
 from kdistill.core import checkpoint as ckpt
-from kdistill.core.components import Batch as kdistill_batch
+from kdistill.core.components import Batch
 from kdistill.core.components import EvalContext, Needs, TrainContext
 from kdistill.core.config import Plan, apply_overrides, load_recipe, resolve
 from kdistill.core.errors import ComponentError, KdistillError
@@ -412,7 +412,7 @@ class Engine:
         whole = self.data.train_batch(index, t.batch_size * self.dist.world_size)
         rows = slice(self.dist.rank * t.batch_size, (self.dist.rank + 1) * t.batch_size)
         pick = lambda x: None if x is None else x[rows]  # noqa: E731
-        return kdistill_batch(pick(whole.input_ids), pick(whole.labels), pick(whole.attention_mask), pick(whole.keys)).to(self.device)
+        return Batch(pick(whole.input_ids), pick(whole.labels), pick(whole.attention_mask), pick(whole.keys)).to(self.device)
 
     def _step(self, step: int) -> dict[str, float]:
         t = self.recipe.train

@@ -25,7 +25,8 @@ class Online(kdistill.Strategy):
         if any(not isinstance(loss, kdistill.LogitLoss) for _, _, loss in context.losses):
             raise KdistillError("losses: the online strategy takes logit losses only (the teacher's hidden states move)")
         teacher = context.teacher.model
-        if getattr(teacher, "hf_quantizer", None) is not None or getattr(teacher, "is_quantized", False):
+        # bitsandbytes layers cannot train (a GGUF teacher is dequantized on loading and can)
+        if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in teacher.modules()):
             raise KdistillError("teacher.options.quantization: an online teacher trains, so it cannot be quantized")
         teacher.train()
         teacher.requires_grad_(True)
