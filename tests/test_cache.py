@@ -84,6 +84,7 @@ def test_a_cache_killed_mid_shard_and_resumed_equals_one_written_in_one_go(tiny_
         TeacherCache(tmp_path / "cut")
     resumed = cache_from_plan(plan_of(cut), progress=False)
     assert shards(tmp_path / "cut") == shards(tmp_path / "whole")
+    assert (tmp_path / "cut" / "index.safetensors").read_bytes() == (tmp_path / "whole" / "index.safetensors").read_bytes()
     assert {k: v for k, v in resumed.items() if k != "teacher"} == {k: v for k, v in manifest.items() if k != "teacher"}
     assert not list((tmp_path / "cut").glob(".tmp-*"))
 

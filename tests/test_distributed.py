@@ -142,3 +142,18 @@ def test_zero_memory_by_hand():
     assert [r.student_bytes for r in rows] == [16 * 8e9, 4 * 8e9 + 12 * 1e9, 2 * 8e9 + 14 * 1e9, 16 * 1e9]
     assert [r.teacher_bytes for r in rows] == [2 * 70e9 / 8] * 4
     assert zero_memory(70e9, 8e9, 8, teacher_partitioned=False)[2].total == 2 * 8e9 + 14 * 1e9 + 140e9
+
+
+def test_the_deepspeed_config_may_be_a_json_file(tmp_path):
+    from kdistill.core.distributed import read_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": "auto"}))
+    assert read_config(str(path)) == {"zero_optimization": {"stage": 3}, "gradient_clipping": "auto"}
+    assert read_config(None) == {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ConfigError) as err:
+        read_config(str(tmp_path / "missing.json"))
+    assert str(err.value) == f"distributed.config: no such file: {tmp_path / 'missing.json'}"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"^distributed.config: .*ds.json is not JSON: "):
+        read_config(str(path))

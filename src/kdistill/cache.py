@@ -3,6 +3,7 @@
 Layout of a cache folder:
 
     manifest.json          what the cache was computed from and how (checked before use)
+    index.safetensors      for every sequence key, its shard and row
     tokenizer/             the teacher's tokenizer, so a run from the cache needs no teacher files
     shard-00000.safetensors, ...   one per `shard_sequences` training sequences, in key order
 
@@ -44,6 +45,7 @@ from kdistill.core.errors import ConfigError
 
 FORMAT = "kdistill-teacher-cache/1"
 MANIFEST = "manifest.json"
+INDEX = "index.safetensors"
 LEVELS = 255
 
 # manifest fields that must match between a cache and the run that uses it (or resumes writing it)
@@ -175,10 +177,26 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
         _fsync(tmp)
         os.replace(tmp, target)
     bar.close()
+    _write_index(folder, n_shards)
     stats = _stats(folder, n_shards, manifest)
     manifest.update(complete=True, **stats)
     _write_json(path, manifest)
     return manifest
+
+
+def _write_index(folder: Path, n_shards: int) -> None:
+    """index.safetensors: for every cached sequence key, its shard and row (what a reader looks up)."""
+    keys, shards, rows = [], [], []
+    for index in range(n_shards):
+        with safe_open(str(folder / shard_name(index)), "pt") as handle:
+            shard_keys = handle.get_tensor("keys")
+        keys.append(shard_keys)
+        shards.append(torch.full_like(shard_keys, index, dtype=torch.int32))
+        rows.append(torch.arange(len(shard_keys), dtype=torch.int32))
+    tmp = folder / f".tmp-{INDEX}"
+    save_file({"keys": torch.cat(keys), "shard": torch.cat(shards), "row": torch.cat(rows)}, str(tmp))
+    _fsync(tmp)
+    os.replace(tmp, folder / INDEX)
 
 
 def _teacher_logits(teacher, batch, needs_cls) -> torch.Tensor:
@@ -231,17 +249,18 @@ class TeacherCache:
         if not self.manifest.get("complete"):
             raise ConfigError(f"{field}: the teacher cache at {self.folder} is incomplete (an interrupted write); "
                               "run kdistill cache-teacher RECIPE again to finish it")
-        self._handles = []
-        self._where: dict[int, tuple[int, int]] = {}
         n_shards = math.ceil(self.manifest["n_sequences"] / self.manifest["shard_sequences"])
+        self._handles = []
         for index in range(n_shards):
             shard = self.folder / shard_name(index)
             if not shard.is_file():
                 raise ConfigError(f"{field}: {shard} is missing")
-            handle = safe_open(str(shard), "pt")
-            self._handles.append(handle)
-            for row, key in enumerate(handle.get_tensor("keys").tolist()):
-                self._where[key] = (index, row)
+            self._handles.append(safe_open(str(shard), "pt"))
+        if not (self.folder / INDEX).is_file():
+            raise ConfigError(f"{field}: {self.folder / INDEX} is missing")
+        with safe_open(str(self.folder / INDEX), "pt") as handle:
+            keys, shards, rows = (handle.get_tensor(name).tolist() for name in ("keys", "shard", "row"))
+        self._where: dict[int, tuple[int, int]] = {k: (s, r) for k, s, r in zip(keys, shards, rows)}
         self.temperature = float(self.manifest["temperature"])
 
     def check(self, expected: dict[str, Any], field: str = "teacher.options.path") -> None:
