@@ -116,12 +116,11 @@ def test_checkpoint_pruning_keeps_the_newest(recipe_factory, tmp_path):
     assert state["step"] == 5
 
 
-def test_nan_loss_stops_the_run_naming_the_step(recipe_factory, tmp_path):
-    raw = recipe_factory(steps=3, save_every=1)
-    engine = engine_for(raw)
+def nan_at(engine, call):
+    """Make the strategy's loss NaN at its `call`-th micro-batch (counting from 1)."""
     original = engine._build
 
-    def poison():
+    def poisoned():
         original()
         step_loss = engine.strategy.loss
         calls = {"n": 0}
@@ -129,12 +128,16 @@ def test_nan_loss_stops_the_run_naming_the_step(recipe_factory, tmp_path):
         def loss(batch):
             calls["n"] += 1
             total, terms = step_loss(batch)
-            return (total * float("nan") if calls["n"] == 2 else total), terms
+            return (total * float("nan") if calls["n"] == call else total), terms
         engine.strategy.loss = loss
+    engine._build = poisoned
+    return engine
 
-    engine._build = poison
+
+def test_nan_loss_stops_the_run_naming_the_step(recipe_factory, tmp_path):
+    raw = recipe_factory(steps=3, save_every=1)
     with pytest.raises(KdistillError) as err:
-        engine.run()
+        nan_at(engine_for(raw), 2).run()
     assert str(err.value) == "step 2: the loss is nan; stopping before it reaches the weights (last checkpoint kept)"
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001"]
 

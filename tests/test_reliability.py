@@ -28,7 +28,7 @@ from kdistill.core.plugins import make_plugin_manager
 from kdistill.core.registry import Registry
 
 from conftest import write_recipe
-from test_engine import engine_for
+from test_engine import engine_for, nan_at
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -274,23 +274,6 @@ def test_only_safetensors_weights_are_read(tiny_assets, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- numerics
-
-
-def nan_at(engine, call):
-    original = engine._build
-
-    def poisoned():
-        original()
-        step_loss = engine.strategy.loss
-        calls = {"n": 0}
-
-        def loss(batch):
-            calls["n"] += 1
-            total, terms = step_loss(batch)
-            return (total * float("nan") if calls["n"] == call else total), terms
-        engine.strategy.loss = loss
-    engine._build = poisoned
-    return engine
 
 
 def test_a_nan_step_is_skipped_when_the_recipe_says_so(recipe_factory, tmp_path):

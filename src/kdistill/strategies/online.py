@@ -7,6 +7,7 @@ from pydantic import Field
 
 import kdistill
 from kdistill.core.errors import KdistillError
+from kdistill.strategies.offline import Offline
 
 
 class Online(kdistill.Strategy):
@@ -47,12 +48,9 @@ class Online(kdistill.Strategy):
         teacher_ce = torch.nn.functional.cross_entropy(teacher_logits[mask].float(), batch.labels[mask], reduction="sum")
         student = kdistill.ModelOutputs(logits=ctx.student(**kwargs).logits)
         teacher = kdistill.ModelOutputs(logits=teacher_logits.detach())  # no gradient from the student's loss
-        total, terms = self.options.teacher_weight * teacher_ce, {"teacher_ce": teacher_ce.detach()}
-        for name, weight, loss in ctx.losses:
-            value = loss(student, teacher, batch)
-            terms[name] = value.detach()
-            total = total + weight * value
-        return total, terms
+        total, terms = Offline._weighted(student, teacher, batch, ctx.losses)
+        terms["teacher_ce"] = teacher_ce.detach()
+        return total + self.options.teacher_weight * teacher_ce, terms
 
 
 @kdistill.hookimpl
