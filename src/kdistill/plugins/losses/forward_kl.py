@@ -21,27 +21,35 @@ class ForwardKL(Divergence):
         if isinstance(teacher, SparseTargets) or student.shape[-1] != teacher.shape[-1] or student.dtype != teacher.dtype:
             return super().rows_and_grad(student, teacher, labels)
         # analytic and in place (the fused path hands over chunks it no longer needs):
-        # value T^2 KL(p_t || p_s) = T^2 (sum p_t log p_t - sum p_t log p_s), gradient T (p_s - p_t);
-        # at most four chunk-sized tensors live at once
+        # value T^2 KL(p_t || p_s) = T^2 sum p_t (log p_t - log p_s), gradient T (p_s - p_t);
+        # only the two chunks themselves live at chunk size, the value is summed in small row blocks
         temp = self.options.temperature
-        log_pt, p_t = _log_softmax_and_probs(teacher.detach(), temp)
-        log_ps, p_s = _log_softmax_and_probs(student.detach(), temp)
-        row_dot = lambda a, b: torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # noqa: E731
-        values = (row_dot(p_t, log_pt) - row_dot(p_t, log_ps)) * (temp * temp)
-        return values, p_s.sub_(p_t).mul_(temp)
+        log_pt = _log_softmax_(teacher.detach(), temp)
+        log_ps = _log_softmax_(student.detach(), temp)
+        values = torch.empty(log_pt.shape[0], dtype=log_pt.dtype, device=log_pt.device)
+        for start in range(0, log_pt.shape[0], ROW_BLOCK):
+            lt, ls = log_pt[start:start + ROW_BLOCK], log_ps[start:start + ROW_BLOCK]
+            # bins where p_t is 0 count 0; log p_s is floored so a -inf student logit stays finite
+            values[start:start + ROW_BLOCK] = (lt.exp() * (lt.clamp(min=LOG_FLOOR) - ls.clamp(min=LOG_FLOOR))).sum(-1)
+        values.mul_(temp * temp)
+        p_t = log_pt.exp_()
+        return values, log_ps.exp_().sub_(p_t).mul_(temp)
 
 
-def _log_softmax_and_probs(x: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log softmax(x / T) in place in x, floored at LOG_FLOOR so 0 * log 0 stays 0; softmax(x / T))."""
+ROW_BLOCK = 16  # rows per block of the value's temporaries
+
+
+def _log_softmax_(x: torch.Tensor, temp: float) -> torch.Tensor:
+    """log softmax(x / T), in place in x (rows of -inf everywhere stay -inf)."""
     shift = x.amax(dim=-1, keepdim=True)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     x.sub_(shift)
     if temp != 1.0:
         x.div_(temp)
-    probs = x.exp()
-    total = probs.sum(dim=-1, keepdim=True)
-    probs.div_(total)
-    return x.sub_(total.log_()).clamp_(min=LOG_FLOOR), probs
+    total = torch.empty_like(shift)
+    for start in range(0, x.shape[0], ROW_BLOCK):
+        total[start:start + ROW_BLOCK] = torch.logsumexp(x[start:start + ROW_BLOCK], dim=-1, keepdim=True)
+    return x.sub_(total)
 
 
 @kdistill.hookimpl
