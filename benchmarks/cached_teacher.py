@@ -32,14 +32,14 @@ def step_seconds(run: Path) -> list[float]:
 
 def mean_kl(a, b, batches) -> float:
     """Mean KL(a || b) per counted position, in float64."""
+    from kdistill.evaluators.agreement import agreement_sums
+
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
             mask = batch.mask
-            la = torch.log_softmax(a(input_ids=batch.input_ids).logits[mask].double(), -1)
-            lb = torch.log_softmax(b(input_ids=batch.input_ids).logits[mask].double(), -1)
-            total += float((la.exp() * (la - lb)).sum())
-            count += int(mask.sum())
+            sums = agreement_sums(b(input_ids=batch.input_ids).logits[mask], a(input_ids=batch.input_ids).logits[mask], 1, 1.0)
+            total, count = total + sums["kl"], count + sums["n"]
     return total / count
 
 

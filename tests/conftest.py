@@ -98,3 +98,17 @@ def recipe_factory(tiny_assets, tmp_path):
     def make(**train):
         return tiny_recipe(tiny_assets, tmp_path / "run", **train)
     return make
+
+
+def cut_after(raw: dict, resumed: Path, last: str) -> dict:
+    """A copy of the finished run of `raw` in `resumed`, as if it died before checkpoint `last` and the
+    final model: the recipe for resuming it there."""
+    import json
+    import shutil
+
+    shutil.copytree(raw["output_dir"], resumed)
+    shutil.rmtree(resumed / "checkpoints" / last)
+    shutil.rmtree(resumed / "final")
+    again = json.loads(json.dumps(raw))
+    again["output_dir"] = str(resumed)
+    return again

@@ -23,7 +23,7 @@ from kdistill.core.distributed import fill_auto, teacher_config
 from kdistill.core.config import TrainSpec
 from kdistill.core.errors import ConfigError
 
-from conftest import tiny_recipe, write_recipe
+from conftest import cut_after, tiny_recipe, write_recipe
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None and shutil.which("g++") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (pip install 'kdistill[deepspeed]', "
@@ -87,11 +87,7 @@ def test_two_processes_match_one_and_resume_exactly(tiny_assets, tmp_path, stage
 
     # resume from DeepSpeed's checkpoint at step 2: bit-identical to the uninterrupted run
     resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
-    shutil.rmtree(resumed / "final")
-    again = json.loads(json.dumps(two))
-    again["output_dir"] = str(resumed)
+    again = cut_after(two, resumed, "step-00000004")
     result = torchrun(write_recipe(tmp_path / "again.yaml", again), "--resume")
     assert f"resuming from {resumed / 'checkpoints' / 'step-00000002'} (step 2)" in result.stderr
     a, b = weights(out), weights(resumed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 from kdistill.strategies.mtp_self import MTPHeads
 from kdistill.strategies.multi_view import augment
 
+from conftest import cut_after
 from test_engine import engine_for
 
 STRATEGIES = {
@@ -40,11 +40,7 @@ def test_resume_is_exact(recipe_factory, tmp_path, name):
     engine_for(raw).run()
     run = tmp_path / "run"
     resumed = tmp_path / "resumed"
-    shutil.copytree(run, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
-    shutil.rmtree(resumed / "final")
-    again = json.loads(json.dumps(raw))
-    again["output_dir"] = str(resumed)
+    again = cut_after(raw, resumed, "step-00000004")
     engine_for(again).run(resume=True)
     a, b = checkpoint_modules(run / "checkpoints" / "step-00000004"), checkpoint_modules(resumed / "checkpoints" / "step-00000004")
     assert a.keys() == b.keys()
@@ -232,11 +228,7 @@ def test_mixture_in_a_run_resumes_exactly(recipe_factory, tiny_assets, tmp_path)
         {"name": "task", "paths": [str(task)], "weight": 0.5}, {"name": "general", "paths": [tiny_assets["corpus"]], "weight": 0.5}]}}
     engine_for(raw).run()
     resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "run", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
-    shutil.rmtree(resumed / "final")
-    again = json.loads(json.dumps(raw))
-    again["output_dir"] = str(resumed)
+    again = cut_after(raw, resumed, "step-00000004")
     engine_for(again).run(resume=True)
     a = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     b = load_file(str(resumed / "final" / "model.safetensors"))

@@ -208,6 +208,7 @@ def teacher_check(plan, max_batches: int | None = None) -> dict[str, float]:
     import torch
 
     from kdistill.core.errors import ConfigError
+    from kdistill.evaluators.agreement import agreement_sums
     from kdistill.plugins.teachers.hf import HFTeacher
 
     resolved = plan.one("teacher")
@@ -233,13 +234,13 @@ def teacher_check(plan, max_batches: int | None = None) -> dict[str, float]:
                 break
             kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
             mask = batch.mask
-            a = torch.log_softmax(full.model(**kwargs).logits[mask].double(), -1)
-            b = torch.log_softmax(quant.model(**kwargs).logits[mask].double(), -1)
+            a, b = full.model(**kwargs).logits[mask].double(), quant.model(**kwargs).logits[mask].double()
             labels = batch.labels[mask]
-            sums["nll_full"] -= float(a.gather(-1, labels[:, None]).sum())
-            sums["nll_quant"] -= float(b.gather(-1, labels[:, None]).sum())
-            sums["kl"] += float((a.exp() * (a - b)).sum())
-            sums["agree"] += float((a.argmax(-1) == b.argmax(-1)).sum())
+            sums["nll_full"] += float(torch.nn.functional.cross_entropy(a, labels, reduction="sum"))
+            sums["nll_quant"] += float(torch.nn.functional.cross_entropy(b, labels, reduction="sum"))
+            agreement = agreement_sums(b, a, k=1, temperature=1.0)  # KL(full || quantized), top-1 match
+            sums["kl"] += agreement["kl"]
+            sums["agree"] += agreement["top1"]
             count += int(mask.sum())
     if count == 0:
         raise ConfigError("data: the validation split is empty; teacher-check needs validation data")

@@ -216,20 +216,10 @@ def _stats(folder: Path, n_shards: int, manifest: dict[str, Any]) -> dict[str, A
     return {"tokens": tokens, "shard_bytes": size, "bytes_per_token": size / tokens, "max_abs_logprob_error": worst}
 
 
-class _NoBar:
-    def update(self, n: int = 1):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress(enabled: bool, total: int, done: int):
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=done, desc="caching the teacher", unit="seq")
+    return tqdm(total=total, initial=done, desc="caching the teacher", unit="seq", disable=not enabled)
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -15,6 +15,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def loss_curves(history: Sequence[tuple[int, Mapping[str, float]]], path: Path) -> Path | None:
     """One line per training loss term (train/loss and each train/<loss name>) over steps."""
     keys = sorted({k for _, m in history for k in m if k.startswith("train/") and k not in
@@ -31,10 +38,7 @@ def loss_curves(history: Sequence[tuple[int, Mapping[str, float]]], path: Path) 
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def sweep_plot(key: str, values: Sequence[float], scores: Sequence[float], metric: str, path: Path) -> Path:
@@ -47,10 +51,7 @@ def sweep_plot(key: str, values: Sequence[float], scores: Sequence[float], metri
     ax.set_ylabel(metric)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def histogram(values: Sequence[float], xlabel: str, title: str, path: Path, bins: int = 40) -> Path:
@@ -60,10 +61,7 @@ def histogram(values: Sequence[float], xlabel: str, title: str, path: Path, bins
     ax.set_xlabel(xlabel)
     ax.set_ylabel("positions")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str, path: Path) -> Path:
@@ -75,7 +73,4 @@ def bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: s
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels)
     ax.set_ylabel(ylabel)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

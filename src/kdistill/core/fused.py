@@ -43,6 +43,17 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return ModelOutputs(final_hidden=out.last_hidden_state, output_weight=model.get_output_embeddings().weight)
 
 
+def frozen_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask, needs) -> ModelOutputs:
+    """A frozen model's outputs (a teacher's): final hidden states and output weight when the fused path
+    asks for them and the model allows it, else full logits. no_grad rather than inference_mode:
+    inference tensors may not be saved by the student's autograd graph, which the losses build from both."""
+    with torch.no_grad():
+        if needs.final_hidden and not needs.logits and fused_supported(model):
+            return final_hidden(model, input_ids, attention_mask)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return ModelOutputs(logits=out.logits)
+
+
 def default_chunk(vocab: int) -> int:
     return max(8, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
 

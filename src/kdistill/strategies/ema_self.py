@@ -9,7 +9,8 @@ from pydantic import Field
 
 import kdistill
 from kdistill.core.errors import KdistillError
-from kdistill.strategies.offline import Offline, frozen_outputs
+from kdistill.core.fused import frozen_outputs
+from kdistill.strategies.offline import Offline
 
 
 class EMASelf(Offline):

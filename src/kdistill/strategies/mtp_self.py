@@ -62,9 +62,6 @@ class MTPSelf(Offline):
     def trainable(self):
         return {**super().trainable(), "mtp": self.heads}
 
-    def has_teacher(self) -> bool:
-        return self.context.teacher is not None
-
     def loss(self, batch):
         total, terms = super().loss(batch)
         hidden, weight = self.last_student.final_hidden, self.last_student.output_weight

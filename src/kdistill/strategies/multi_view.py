@@ -10,7 +10,8 @@ from pydantic import Field
 
 import kdistill
 from kdistill.core.errors import KdistillError
-from kdistill.strategies.offline import Offline, frozen_outputs
+from kdistill.core.fused import frozen_outputs
+from kdistill.strategies.offline import Offline
 
 
 def augment(ids: torch.Tensor, view: str, rate: float, span: int, window: int, mask_token: int, seed: int) -> torch.Tensor:

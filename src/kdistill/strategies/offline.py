@@ -40,16 +40,6 @@ class FeatureBridge(nn.Module):
         self.mixer = mixer
 
 
-def frozen_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask, needs) -> kdistill.ModelOutputs:
-    """A model's outputs without gradients: final hidden states and output weight when the fused path
-    asks for them and the model allows it, else full logits."""
-    with torch.no_grad():
-        if needs.final_hidden and not needs.logits and fused_supported(model):
-            return final_hidden(model, input_ids, attention_mask)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return kdistill.ModelOutputs(logits=out.logits)
-
-
 class Offline(kdistill.Strategy):
     """The teacher is frozen; the student minimises the weighted sum of the recipe's losses.
 

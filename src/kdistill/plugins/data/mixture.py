@@ -51,6 +51,7 @@ class Mixture(kdistill.DataSource):
         self._cumulative[-1] = 1.0
         self._seed = seed
         self._choices: list[torch.Tensor] = []  # per draw block: the source of each draw
+        self._ranks: list[torch.Tensor] = []  # per draw block: how many earlier draws of the block had its source
         self._counts: list[torch.Tensor] = [torch.zeros(len(self.parts), dtype=torch.long)]  # draws per source before each block
         digest = hashlib.sha256()
         for source, part in zip(o.sources, self.parts):
@@ -63,17 +64,20 @@ class Mixture(kdistill.DataSource):
             g = torch.Generator().manual_seed(self._seed * 1_000_003 + 7919 * len(self._choices) + 1)
             draws = torch.searchsorted(self._cumulative, torch.rand(DRAW_BLOCK, generator=g, dtype=torch.float64), right=True)
             draws = draws.clamp(max=len(self.parts) - 1)
+            ranks = torch.empty_like(draws)
+            for source in range(len(self.parts)):
+                hits = (draws == source).nonzero().flatten()
+                ranks[hits] = torch.arange(len(hits))
             self._choices.append(draws)
+            self._ranks.append(ranks)
             self._counts.append(self._counts[-1] + torch.bincount(draws, minlength=len(self.parts)))
         return self._choices[b]
 
     def draw(self, position: int) -> tuple[int, int]:
         """(source, the how-many-th draw from that source) of the training sequence at `position`."""
         b, i = divmod(position, DRAW_BLOCK)
-        choices = self._block(b)
-        source = int(choices[i])
-        before = int(self._counts[b][source]) + int((choices[:i] == source).sum())
-        return source, before
+        source = int(self._block(b)[i])
+        return source, int(self._counts[b][source]) + int(self._ranks[b][i])
 
     def sources_of(self, positions: range) -> list[int]:
         return [self.draw(p)[0] for p in positions]

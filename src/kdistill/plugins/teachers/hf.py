@@ -9,7 +9,7 @@ from pydantic import Field
 
 import kdistill
 from kdistill.core.capture import capture
-from kdistill.core.fused import final_hidden, fused_supported
+from kdistill.core.fused import frozen_outputs
 from kdistill.core.models import load_causal_lm, load_tokenizer
 
 
@@ -41,14 +41,8 @@ class HFTeacher(kdistill.TeacherProvider):
                                         trust_remote_code=o.trust_remote_code)
 
     def outputs(self, batch: kdistill.Batch, needs: kdistill.Needs) -> kdistill.ModelOutputs:
-        # no_grad rather than inference_mode: inference tensors may not be saved by the student's
-        # autograd graph, and the losses combine the two.
-        with torch.no_grad(), capture(self.model, needs.hidden_layers, needs.attention_layers) as captured:
-            if needs.final_hidden and not needs.logits and fused_supported(self.model):
-                result = final_hidden(self.model, batch.input_ids, batch.attention_mask)
-            else:
-                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                result = kdistill.ModelOutputs(logits=out.logits)
+        with capture(self.model, needs.hidden_layers, needs.attention_layers) as captured:
+            result = frozen_outputs(self.model, batch.input_ids, batch.attention_mask, needs)
         result.hidden_states, result.attentions = captured["hidden"], captured["attention"]
         return result
 

@@ -29,16 +29,13 @@ class MlflowTracker(kdistill.Tracker):
         tracking_uri: str | None = None
 
     def _fail(self, what: str, exc: Exception) -> None:
-        if self._fallback is None:
+        if not self._failed:
             warnings.warn(f"MLflow tracking failed ({what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                           f"training goes on and metrics go to {self._local.path}", stacklevel=3)
-            self._fallback = self._local
-            self._active = False
+            self._failed = True
 
     def start(self, run_name, params, output_dir):
-        self._fallback = None
-        self._active = False
-        self._run_name, self._params, self._output_dir = run_name, dict(params), output_dir
+        self._failed = False  # after the first MLflow failure only the local file is written
         self._local = JsonlTracker()
         self._local.start(run_name, params, output_dir)
         # fail fast against an unreachable server instead of retrying for minutes
@@ -61,18 +58,17 @@ class MlflowTracker(kdistill.Tracker):
                 run = mlflow.start_run(run_id=previous, nested=nested)
             else:
                 run = mlflow.start_run(run_name=run_name, nested=nested)
-                mlflow.log_params({k: str(v)[:6000] for k, v in self._params.items()})
+                mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
                 Path(output_dir).mkdir(parents=True, exist_ok=True)
                 id_file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
             self.run_id = run.info.run_id
             self.tracking_uri = uri
-            self._active = True
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             self._fail("start", exc)
 
     def log_metrics(self, metrics, step):
         self._local.log_metrics(metrics, step)
-        if self._fallback is not None:
+        if self._failed:
             return
         try:
             self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -80,8 +76,8 @@ class MlflowTracker(kdistill.Tracker):
             self._fail("log_metrics", exc)
 
     def log_artifact(self, path, artifact_path=None):
-        if self._fallback is not None:
-            return self._fallback.log_artifact(path, artifact_path)
+        if self._failed:
+            return self._local.log_artifact(path, artifact_path)
         try:
             if Path(path).is_dir():
                 self._mlflow.log_artifacts(path, artifact_path=artifact_path)
@@ -89,11 +85,11 @@ class MlflowTracker(kdistill.Tracker):
                 self._mlflow.log_artifact(path, artifact_path=artifact_path)
         except Exception as exc:  # noqa: BLE001
             self._fail("log_artifact", exc)
-            self._fallback.log_artifact(path, artifact_path)
+            self._local.log_artifact(path, artifact_path)
 
     def finish(self, status="FINISHED"):
         self._local.finish(status)
-        if self._fallback is not None:
+        if self._failed:
             return
         try:
             self._mlflow.end_run(status=status)
