@@ -2,11 +2,18 @@
 
     python benchmarks/loss.py                      # the issue's shapes at vocabularies 32,000 and 128,256
     python benchmarks/loss.py --vocab 32000 --reps 3
+    python benchmarks/loss.py --vocab 128256 --rounds 3   # every variant 3 times, interleaved
 
-Each variant runs in a fresh process. Memory is that process's peak resident set size (ru_maxrss)
-minus its resident size once the inputs (hidden states, output projections) exist: what the loss
-itself adds, including the student projection's gradient that every variant must produce. Time is
-the median over --reps runs after one warm-up. The loss is forward KL(teacher || student) at
+Each variant runs in a fresh process. Memory is that process's peak resident set size while the
+loss runs minus its resident size once the inputs (hidden states, output projections) exist: what
+the loss itself adds, including the student projection's gradient that every variant must produce.
+The peak is the kernel's high-water mark (VmHWM), reset once the inputs exist (/proc/self/clear_refs),
+so that making the inputs does not count; where that reset is not available it falls back to
+ru_maxrss and says so. Time is
+the median over --reps runs after one warm-up. With --rounds R every variant's process runs R
+times, the variants taking turns, and a row shows the median of the R times and the largest peak:
+this machine's speed drifts by 10-20% over minutes, and taking turns spreads that drift over all
+variants instead of favouring whichever ran in a fast minute. The loss is forward KL(teacher || student) at
 temperature 1 (Liger's and TRL's generalized JSD with beta=0 is the same divergence; Liger runs
 its pure-torch chunked path, uncompiled, with its default chunk of 1024 rows and with 128 rows);
 peers that are not installed are listed as such. The floor is the four projection products alone: student
@@ -34,14 +41,37 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak() -> bool:
+    """Reset the kernel's resident high-water mark to the current size (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return read_peak() is not None
+    except OSError:
+        return False
+
+
+def read_peak() -> int | None:
+    """Peak resident set size in bytes since the last reset (VmHWM), or None where /proc lacks it."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def make_inputs(vocab: int):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    hs = torch.randn(B * S, DS, generator=g) * 0.5
-    ws = (torch.randn(vocab, DS, generator=g) * DS ** -0.5).requires_grad_(True)
-    ht = torch.randn(B * S, DT, generator=g) * 0.5
-    wt = torch.randn(vocab, DT, generator=g) * DT ** -0.5
+    # scaled in place: a scaled copy would be a transient as large as the weight, before the peak is reset
+    hs = torch.randn(B * S, DS, generator=g).mul_(0.5)
+    ws = torch.randn(vocab, DS, generator=g).mul_(DS ** -0.5).requires_grad_(True)
+    ht = torch.randn(B * S, DT, generator=g).mul_(0.5)
+    wt = torch.randn(vocab, DT, generator=g).mul_(DT ** -0.5)
     labels = torch.randint(0, vocab, (B * S,), generator=g)
     labels[-64:] = -100  # some padding, as in real batches
     return hs, ws, ht, wt, labels
@@ -108,7 +138,7 @@ def build(variant: str, vocab: int):
             GKDTrainer.generalized_jsd_loss(student_logits[None], teacher_logits[None], beta=0.0, temperature=TEMPERATURE,
                                             reduction="batchmean").backward()
     elif variant == "floor":
-        grad = torch.randn(B * S, vocab) * 1e-3
+        grad = torch.randn(B * S, vocab).mul_(1e-3)
 
         def step():
             with torch.no_grad():
@@ -135,15 +165,17 @@ def child(variant: str, vocab: int, reps: int) -> dict:
     except ImportError as exc:
         return {"variant": variant, "vocab": vocab, "error": f"not installed ({exc.name or exc})"}
     base = rss_bytes()
+    high_water_mark = reset_peak()
     run()  # warm-up, counted in the peak
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = read_peak() if high_water_mark else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"variant": variant, "vocab": vocab, "time_s": statistics.median(times), "peak_extra_mib": (peak - base) / 2**20,
-            "peak_rss_mib": peak / 2**20, "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "peak_rss_mib": peak / 2**20, "peak_source": "VmHWM" if high_water_mark else "ru_maxrss",
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def main() -> None:
@@ -151,6 +183,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, action="append", help="vocabulary sizes (default 32000 and 128256)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, variants taking turns")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,18 +192,34 @@ def main() -> None:
         return
     rows = []
     for vocab in args.vocab or [32000, 128256]:
-        for variant in args.variants.split(","):
-            out = subprocess.run([sys.executable, __file__, "--child", variant, str(vocab), "--reps", str(args.reps)],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                rows.append({"variant": variant, "vocab": vocab, "error": f"failed: {out.stderr.strip().splitlines()[-1:]}"})
-            else:
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  measured {variant} at V={vocab}", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {variant: [] for variant in args.variants.split(",")}
+        for round_ in range(args.rounds):
+            for variant, results in runs.items():
+                if results and "error" in results[0]:
+                    continue
+                out = subprocess.run([sys.executable, __file__, "--child", variant, str(vocab), "--reps", str(args.reps)],
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    results.append({"variant": variant, "vocab": vocab, "error": f"failed: {out.stderr.strip().splitlines()[-1:]}"})
+                else:
+                    results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  measured {variant} at V={vocab} (round {round_ + 1} of {args.rounds})", file=sys.stderr, flush=True)
+        rows.extend(combine(results) for results in runs.values())
     print_table(rows)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)
+
+
+def combine(results: list[dict]) -> dict:
+    """One row from a variant's rounds: the median time and the largest peak."""
+    if "error" in results[0]:
+        return results[0]
+    row = dict(results[-1])
+    row["time_s"] = statistics.median(r["time_s"] for r in results)
+    row["times_s"] = [r["time_s"] for r in results]
+    row["peak_extra_mib"] = max(r["peak_extra_mib"] for r in results)
+    return row
 
 
 def print_table(rows: list[dict]) -> None:
@@ -190,6 +239,9 @@ def print_table(rows: list[dict]) -> None:
             tf = r["time_s"] / floor["time_s"] if "time_s" in floor else float("nan")
             mn = r["peak_extra_mib"] / naive["peak_extra_mib"] if "peak_extra_mib" in naive else float("nan")
             print(f"| {vocab:>7} | {variant:<10} | {r['time_s']:7.3f} | {tn:7.2f} | {tf:7.2f} | {r['peak_extra_mib']:9.0f} | {mn:7.3f} |")
+    if any(r.get("peak_source") == "ru_maxrss" for r in rows):
+        print("note: the peak could not be reset after the inputs were made (no /proc/self/clear_refs): "
+              "peaks are ru_maxrss and include making the inputs")
     missing = sorted({r["variant"] for r in rows if "error" in r})
     if missing:
         print(f"not measured: {', '.join(missing)} (see the rows above; peers: pip install -r benchmarks/requirements-peers.txt)")

@@ -28,6 +28,44 @@ def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tens
     return torch.log_softmax((logits - shift) / temperature, dim=-1)
 
 
+# Elements per block of the vocabulary that the analytic losses work through at a time: about
+# 1 MiB of float32, so a block's temporaries stay in cache and none is as large as a chunk.
+VOCAB_BLOCK_ELEMENTS = 1 << 18
+
+
+def vocab_blocks(x: torch.Tensor):
+    """Slices of the last (vocabulary) dimension of `x` [rows, V], VOCAB_BLOCK_ELEMENTS at a time."""
+    step = max(1, VOCAB_BLOCK_ELEMENTS // max(1, x.shape[0]))
+    return [slice(start, min(x.shape[-1], start + step)) for start in range(0, x.shape[-1], step)]
+
+
+def log_normalizer(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, log_total) [rows, 1] with log softmax(x / T) = (x - shift) / T - log_total.
+
+    One pass over blocks of the vocabulary, each block's maximum and sum of exponentials taken while
+    it is in cache, then combined; no temporary as large as `x` exists (a fused chunk can be
+    hundreds of MiB). A row of -inf everywhere gets log_total = +inf: its probabilities are all 0
+    rather than nan.
+    """
+    blocks = vocab_blocks(x)
+    maxima = torch.empty(x.shape[0], len(blocks), dtype=x.dtype, device=x.device)
+    sums = torch.empty_like(maxima)
+    scratch = torch.empty_like(x[:, blocks[0]])
+    for i, b in enumerate(blocks):
+        block, part = x[:, b], scratch[:, : b.stop - b.start]
+        block_max = block.amax(dim=-1, keepdim=True)
+        maxima[:, i : i + 1] = block_max
+        torch.sub(block, block_max.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), out=part)
+        if temperature != 1.0:
+            part.div_(temperature)
+        torch.sum(part.exp_(), dim=-1, out=sums[:, i])
+    shift = maxima.amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    # each block's sum rescaled from its own maximum to the row's; an all -inf block weighs 0
+    total = sums.mul_(maxima.sub_(shift).div_(temperature).exp_()).sum(dim=-1, keepdim=True)
+    return shift, torch.where(total > 0, total.log(), torch.full_like(total, float("inf")))
+
+
 def shared_vocab(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Vocabularies padded to different sizes (same tokenizer) are cut to the shared leading tokens."""
     if student.shape[-1] == teacher.shape[-1]:

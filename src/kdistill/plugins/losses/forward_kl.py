@@ -6,7 +6,7 @@ import torch
 
 import kdistill
 from kdistill.core.components import SparseTargets
-from kdistill.plugins.losses.common import LOG_FLOOR, Divergence, kl_rows
+from kdistill.plugins.losses.common import LOG_FLOOR, Divergence, kl_rows, log_normalizer, vocab_blocks
 
 
 class ForwardKL(Divergence):
@@ -20,36 +20,36 @@ class ForwardKL(Divergence):
     def rows_and_grad(self, student, teacher, labels):
         if isinstance(teacher, SparseTargets) or student.shape[-1] != teacher.shape[-1] or student.dtype != teacher.dtype:
             return super().rows_and_grad(student, teacher, labels)
-        # analytic and in place (the fused path hands over chunks it no longer needs):
-        # value T^2 KL(p_t || p_s) = T^2 sum p_t (log p_t - log p_s), gradient T (p_s - p_t);
-        # only the two chunks themselves live at chunk size, the value is summed in small row blocks
+        # analytic, in blocks of the vocabulary, the gradient written over the student's chunk (the
+        # fused path hands over chunks it no longer needs): value T^2 sum p_t (log p_t - log p_s),
+        # gradient T (p_s - p_t). Only three block-sized temporaries, which stay in cache.
         temp = self.options.temperature
-        log_pt = _log_softmax_(teacher.detach(), temp)
-        log_ps = _log_softmax_(student.detach(), temp)
-        values = torch.empty(log_pt.shape[0], dtype=log_pt.dtype, device=log_pt.device)
-        for start in range(0, log_pt.shape[0], ROW_BLOCK):
-            lt, ls = log_pt[start:start + ROW_BLOCK], log_ps[start:start + ROW_BLOCK]
+        s, t = student.detach(), teacher.detach()
+        s_shift, s_log_total = log_normalizer(s, temp)
+        t_shift, t_log_total = log_normalizer(t, temp)
+        blocks = vocab_blocks(s)
+        log_ps, log_pt, p_t = (torch.empty_like(s[:, blocks[0]]) for _ in range(3))
+        values = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+        for b in blocks:
+            width = b.stop - b.start
+            ls, lt, pt = log_ps[:, :width], log_pt[:, :width], p_t[:, :width]
+            _tempered(s[:, b], s_shift, s_log_total, temp, out=ls)
+            _tempered(t[:, b], t_shift, t_log_total, temp, out=lt)
+            torch.exp(lt, out=pt)
+            grad = torch.exp(ls, out=s[:, b]).sub_(pt)
+            if temp != 1.0:
+                grad.mul_(temp)
             # bins where p_t is 0 count 0; log p_s is floored so a -inf student logit stays finite
-            values[start:start + ROW_BLOCK] = (lt.exp() * (lt.clamp(min=LOG_FLOOR) - ls.clamp(min=LOG_FLOOR))).sum(-1)
-        values.mul_(temp * temp)
-        p_t = log_pt.exp_()
-        return values, log_ps.exp_().sub_(p_t).mul_(temp)
+            values += lt.clamp_(min=LOG_FLOOR).sub_(ls.clamp_(min=LOG_FLOOR)).mul_(pt).sum(dim=-1)
+        return values.mul_(temp * temp), s
 
 
-ROW_BLOCK = 16  # rows per block of the value's temporaries
-
-
-def _log_softmax_(x: torch.Tensor, temp: float) -> torch.Tensor:
-    """log softmax(x / T), in place in x (rows of -inf everywhere stay -inf)."""
-    shift = x.amax(dim=-1, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    x.sub_(shift)
+def _tempered(x, shift, log_total, temp, out):
+    """log softmax(x / T) of a block, into `out`."""
+    torch.sub(x, shift, out=out)
     if temp != 1.0:
-        x.div_(temp)
-    total = torch.empty_like(shift)
-    for start in range(0, x.shape[0], ROW_BLOCK):
-        total[start:start + ROW_BLOCK] = torch.logsumexp(x[start:start + ROW_BLOCK], dim=-1, keepdim=True)
-    return x.sub_(total)
+        out.div_(temp)
+    return out.sub_(log_total)
 
 
 @kdistill.hookimpl
