@@ -10,6 +10,7 @@ import torch
 
 import kdistill
 from kdistill.core.fused import TeacherRows, fused_logit_loss
+from kdistill.plugins.losses import common
 from kdistill.plugins.losses.cross_entropy import CrossEntropy
 from kdistill.plugins.losses.forward_kl import ForwardKL
 from kdistill.plugins.losses.jsd import JSD
@@ -123,8 +124,12 @@ def test_value_and_gradient_match_the_float64_reference(cls, opts):
 
 @pytest.mark.parametrize("cls,opts", CASES, ids=IDS)
 @pytest.mark.parametrize("chunk", [1, 3, 5, 64])
-def test_fused_chunked_path_equals_the_plain_path(cls, opts, chunk):
-    """From hidden states and output projections, any chunk size, values and both gradients."""
+@pytest.mark.parametrize("block", [None, 1, 7], ids=["one-block", "block-1", "block-7"])
+def test_fused_chunked_path_equals_the_plain_path(cls, opts, chunk, block, monkeypatch):
+    """From hidden states and output projections, any chunk size, values and both gradients; the
+    analytic losses' vocabulary blocks down to one token each, and blocks that do not divide V."""
+    if block is not None:
+        monkeypatch.setattr(common, "VOCAB_BLOCK_ELEMENTS", block)
     loss = make(cls, opts)
     g = torch.Generator().manual_seed(1)
     n, ds, dt, v = 2 * 5, 6, 9, 11
@@ -146,6 +151,64 @@ def test_fused_chunked_path_equals_the_plain_path(cls, opts, chunk):
     assert terms[cls.name].item() == pytest.approx(plain.item(), rel=1e-6)
     assert torch.allclose(hs.grad, gh, atol=1e-9) and torch.allclose(ws.grad, gw, atol=1e-9)
     assert n == hs.shape[0] * hs.shape[1]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("block", [1, 5, 1 << 18])
+def test_log_normalizer_against_a_float64_reference(temperature, block, monkeypatch):
+    """log sum exp(x / T) per row from vocabulary blocks, with -inf entries; a row of -inf gives +inf."""
+    monkeypatch.setattr(common, "VOCAB_BLOCK_ELEMENTS", block)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 23, generator=g) * 8
+    x[0, 3] = x[1, :11] = float("-inf")
+    x[2] += 60.0
+    x[3] = float("-inf")
+    shift, log_total = common.log_normalizer(x, temperature)
+    for row in range(3):
+        finite = [v / temperature for v in x[row].tolist() if v != float("-inf")]
+        top = max(finite)
+        expected = top + math.log(sum(math.exp(v - top) for v in finite))
+        assert shift[row, 0].item() / temperature + log_total[row, 0].item() == pytest.approx(expected, rel=1e-6)
+    assert log_total[3, 0].item() == float("inf")
+
+
+@pytest.mark.parametrize("layout", ["row-major", "vocabulary-major"])
+@pytest.mark.parametrize("cls,opts", [(ForwardKL, {"temperature": 0.5}), (ForwardKL, {"temperature": 1.0}),
+                                      (ForwardKL, {"temperature": 3.0}), (CrossEntropy, {})])
+def test_analytic_path_with_minus_inf_logits_against_float64(cls, opts, layout, monkeypatch):
+    """The in-place analytic path (what the fused path calls) on float32 chunks in either memory
+    layout, over many vocabulary blocks, with -inf student and teacher logits, against float64:
+    forward KL's value floors log p_s at LOG_FLOOR, its gradient is exactly T (p_s - p_t); a teacher
+    row of -inf everywhere contributes 0 with a finite gradient."""
+    monkeypatch.setattr(common, "VOCAB_BLOCK_ELEMENTS", 8)
+    loss = make(cls, opts)
+    g = torch.Generator().manual_seed(6)
+    student = torch.randn(5, 19, generator=g) * 4
+    teacher = torch.randn(5, 19, generator=g) * 4
+    labels = torch.randint(0, 19, (5,), generator=g)
+    student[0, 2] = student[3, 7] = teacher[1, 4] = teacher[3, 0] = float("-inf")
+    teacher[4] = float("-inf")
+    labels[0] = 1
+
+    def laid_out(x):
+        return x.clone() if layout == "row-major" else x.T.contiguous().T
+
+    values, grad = loss.rows_and_grad(laid_out(student), laid_out(teacher), labels)
+    s64, t64 = student.double(), teacher.double()
+    if cls is CrossEntropy:
+        expected_values = torch.logsumexp(s64, -1) - s64.gather(-1, labels[:, None])[:, 0]
+        expected_grad = torch.softmax(s64, -1) - torch.nn.functional.one_hot(labels, 19)
+    else:
+        temp = opts["temperature"]
+        log_ps = torch.log_softmax(s64 / temp, -1).clamp(min=common.LOG_FLOOR)
+        log_pt = torch.log_softmax(t64[:4] / temp, -1)
+        terms = torch.where(log_pt > float("-inf"), log_pt.exp() * (log_pt - log_ps[:4]), torch.zeros_like(log_pt))
+        expected_values = torch.cat([terms.sum(-1) * temp * temp, torch.zeros(1, dtype=torch.float64)])
+        p_t = torch.cat([torch.softmax(t64[:4] / temp, -1), torch.zeros(1, 19, dtype=torch.float64)])
+        expected_grad = temp * (torch.softmax(s64 / temp, -1) - p_t)
+    assert values[4].item() == pytest.approx(expected_values[4].item(), abs=1e-6)
+    assert torch.allclose(values.double(), expected_values, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grad).all() and torch.allclose(grad.double(), expected_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_weighted_sum_of_several_losses():

@@ -28,14 +28,18 @@ def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tens
     return torch.log_softmax((logits - shift) / temperature, dim=-1)
 
 
-# Elements per block of the vocabulary that the analytic losses work through at a time: about
-# 1 MiB of float32, so a block's temporaries stay in cache and none is as large as a chunk.
+# Elements per block of the vocabulary that the analytic losses work through at a time. On CPU
+# about 1 MiB of float32, so that a block's temporaries stay in cache; on accelerators, where each
+# operation is a kernel launch and caches are small anyway, 16 MiB. Either way no temporary is as
+# large as a chunk of logits.
 VOCAB_BLOCK_ELEMENTS = 1 << 18
+ACCELERATOR_VOCAB_BLOCK_ELEMENTS = 1 << 22
 
 
 def vocab_blocks(x: torch.Tensor):
-    """Slices of the last (vocabulary) dimension of `x` [rows, V], VOCAB_BLOCK_ELEMENTS at a time."""
-    step = max(1, VOCAB_BLOCK_ELEMENTS // max(1, x.shape[0]))
+    """Slices of the last (vocabulary) dimension of `x` [rows, V], a block's worth of elements at a time."""
+    elements = VOCAB_BLOCK_ELEMENTS if x.device.type == "cpu" else ACCELERATOR_VOCAB_BLOCK_ELEMENTS
+    step = max(1, elements // max(1, x.shape[0]))
     return [slice(start, min(x.shape[-1], start + step)) for start in range(0, x.shape[-1], step)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import kdistill
+from kdistill.plugins.losses.common import log_normalizer
 
 
 class CrossEntropy(kdistill.LogitLoss):
@@ -20,10 +21,12 @@ class CrossEntropy(kdistill.LogitLoss):
         return torch.nn.functional.cross_entropy(student, labels, reduction="none")
 
     def rows_and_grad(self, student, teacher, labels):
-        # analytic and in place: value logsumexp(z) - z_y, gradient softmax(z) - onehot(y)
+        # analytic and in place: value logsumexp(z) - z_y, gradient softmax(z) - onehot(y); the
+        # normalizer comes from vocabulary blocks, so no temporary as large as the chunk exists
         z = student.detach()
         index = labels.unsqueeze(-1)
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        shift, log_total = log_normalizer(z, 1.0)
+        lse = shift + log_total
         values = (lse - z.gather(-1, index)).squeeze(-1)
         grad = z.sub_(lse).exp_()
         grad.scatter_add_(-1, index, torch.full_like(lse, -1.0))
