@@ -11,7 +11,7 @@ The peak is the kernel's high-water mark (VmHWM), reset once the inputs exist (/
 so that making the inputs does not count; where that reset is not available it falls back to
 ru_maxrss and says so. Time is
 the median over --reps runs after one warm-up. With --rounds R every variant's process runs R
-times, the variants taking turns, and a row shows the median of the R times and the largest peak:
+times, the variants taking turns, and a row shows the median of all R x reps runs and the largest peak:
 this machine's speed drifts by 10-20% over minutes, and taking turns spreads that drift over all
 variants instead of favouring whichever ran in a fast minute. The loss is forward KL(teacher || student) at
 temperature 1 (Liger's and TRL's generalized JSD with beta=0 is the same divergence; Liger runs
@@ -95,7 +95,7 @@ def build(variant: str, vocab: int):
             teacher_probs = F.softmax(teacher_logits / TEMPERATURE, dim=-1)
             loss = F.kl_div(student_probs, teacher_probs, reduction="batchmean") * TEMPERATURE ** 2
             loss.backward()
-    elif variant.startswith("kdistill"):  # "kdistill": its default chunk (32 MiB of logits); "kdistill-c256": 256 rows
+    elif variant.startswith("kdistill"):  # "kdistill": its default chunk (64 MiB of logits); "kdistill-c256": 256 rows
         import kdistill
         from kdistill.core.fused import TeacherRows, fused_logit_loss
         from kdistill.plugins.losses.forward_kl import ForwardKL
@@ -173,7 +173,8 @@ def child(variant: str, vocab: int, reps: int) -> dict:
         run()
         times.append(time.perf_counter() - start)
     peak = read_peak() if high_water_mark else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "vocab": vocab, "time_s": statistics.median(times), "peak_extra_mib": (peak - base) / 2**20,
+    return {"variant": variant, "vocab": vocab, "time_s": statistics.median(times), "times_s": times,
+            "peak_extra_mib": (peak - base) / 2**20,
             "peak_rss_mib": peak / 2**20, "peak_source": "VmHWM" if high_water_mark else "ru_maxrss",
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
@@ -212,12 +213,12 @@ def main() -> None:
 
 
 def combine(results: list[dict]) -> dict:
-    """One row from a variant's rounds: the median time and the largest peak."""
+    """One row from a variant's rounds: the median of all their timed runs and the largest peak."""
     if "error" in results[0]:
         return results[0]
     row = dict(results[-1])
-    row["time_s"] = statistics.median(r["time_s"] for r in results)
-    row["times_s"] = [r["time_s"] for r in results]
+    row["times_s"] = [t for r in results for t in r["times_s"]]
+    row["time_s"] = statistics.median(row["times_s"])
     row["peak_extra_mib"] = max(r["peak_extra_mib"] for r in results)
     return row
 
