@@ -21,7 +21,7 @@ from torch import nn
 
 from kdistill.core.components import LogitLoss, ModelOutputs, SparseTargets
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # about 64 MiB of float32 logits per chunk (128 positions at V=128,256)
+DEFAULT_CHUNK_ELEMENTS = 3 << 23  # about 96 MiB of float32 logits per chunk (192 positions at V=128,256)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,8 @@ def frozen_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask, ne
 
 def default_chunk(vocab: int) -> int:
     """Positions per chunk: DEFAULT_CHUNK_ELEMENTS logits, rounded down to a multiple of 32 (BLAS
-    kernels work on tiles of 8-32 columns: on this project's CPU 130 positions took 30% longer
-    than 128)."""
+    kernels work on tiles of 8-32 columns; a count just above a multiple leaves a slow remainder,
+    see docs/performance.md)."""
     rows = max(8, DEFAULT_CHUNK_ELEMENTS // max(1, vocab))
     return rows - rows % 32 if rows >= 32 else rows
 

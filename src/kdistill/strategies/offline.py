@@ -52,7 +52,7 @@ class Offline(kdistill.Strategy):
 
     class Options(kdistill.Options):
         fused: bool = Field(True, description="compute logit losses in chunks from hidden states when the model allows")
-        chunk_tokens: int | None = Field(None, ge=1, description="positions per chunk on the fused path (default: ~64 MiB of float32 logits)")
+        chunk_tokens: int | None = Field(None, ge=1, description="positions per chunk on the fused path (default: ~96 MiB of float32 logits, a multiple of 32)")
 
     def setup(self, context):
         super().setup(context)
