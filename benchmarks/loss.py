@@ -9,15 +9,16 @@ loss runs minus its resident size once the inputs (hidden states, output project
 the loss itself adds, including the student projection's gradient that every variant must produce.
 The peak is the kernel's high-water mark (VmHWM), reset once the inputs exist (/proc/self/clear_refs),
 so that making the inputs does not count; where that reset is not available it falls back to
-ru_maxrss and says so. Time is
-the median over --reps runs after one warm-up. With --rounds R every variant's process runs R
-times, the variants taking turns, and a row shows the median of all R x reps runs and the largest peak:
-this machine's speed drifts by 10-20% over minutes, and taking turns spreads that drift over all
-variants instead of favouring whichever ran in a fast minute. The loss is forward KL(teacher || student) at
-temperature 1 (Liger's and TRL's generalized JSD with beta=0 is the same divergence; Liger runs
-its pure-torch chunked path, uncompiled, with its default chunk of 1024 rows and with 128 rows);
-peers that are not installed are listed as such. The floor is the four projection products alone: student
-and teacher logits, and the student's two gradient products.
+ru_maxrss and says so. Time is the median over --reps runs after one warm-up. With --rounds R
+every variant's process runs R times, the variants taking turns, and a row shows the median of all
+R x reps runs and the largest peak: this machine's speed drifts by 10-20% over minutes, and taking
+turns spreads that drift over all variants instead of favouring whichever ran in a fast minute.
+
+The loss is forward KL(teacher || student) at temperature 1 (Liger's and TRL's generalized JSD
+with beta=0 is the same divergence; Liger runs its pure-torch chunked path, uncompiled, with its
+default chunk of 1024 rows and with 128 rows); peers that are not installed are listed as such.
+The floor is the four projection products alone: student and teacher logits, and the student's two
+gradient products.
 """
 
 from __future__ import annotations
