@@ -8,7 +8,7 @@ only scales the stored gradients by the incoming one.
 
 A chunk's logits are stored vocabulary-major ([V, c] in memory, seen as its transpose [c, V]):
 `W @ h.T` with few rows of h runs at full matrix-product speed on CPU BLAS, where `h @ W.T` loses
-a third of it, and the losses work through the vocabulary in blocks, which are then contiguous.
+25-30% of it (benchmarks/chunk_parts.py), and the losses work through the vocabulary in blocks, which are then contiguous.
 float32 chunks are computed into two buffers made once per call.
 """
 
@@ -97,8 +97,8 @@ class TeacherRows:
 
 def project(hidden: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [n, V] of `hidden` [n, D], stored vocabulary-major, in float32 or wider; computed into
-    `buffer` (flat, at least V * n elements, the weight's dtype) when one is given."""
-    if buffer is None or buffer.dtype != weight.dtype:
+    `buffer` (flat, at least V * n elements, from chunk_buffer(weight, ...)) when one is given."""
+    if buffer is None:
         return _upcast(weight @ hidden.T).T
     out = buffer[: weight.shape[0] * hidden.shape[0]].view(weight.shape[0], hidden.shape[0])
     return torch.matmul(weight, hidden.T, out=out).T
@@ -123,7 +123,7 @@ class _FusedLogitLoss(torch.autograd.Function):
         terms = torch.zeros(len(losses), dtype=torch.float64, device=hidden.device)
         last_teacher_user = max((i for i, (_, _, loss) in enumerate(losses) if loss.needs_teacher), default=-1)
         student_buffer = chunk_buffer(weight, min(chunk, n))
-        teacher_buffer = chunk_buffer(teacher.weight, min(chunk, n)) if teacher.hidden is not None else None
+        teacher_buffer = chunk_buffer(teacher.weight, min(chunk, n)) if teacher.hidden is not None and last_teacher_user >= 0 else None
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             h = hidden[start:stop]

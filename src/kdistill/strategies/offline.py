@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from pydantic import Field
 from torch import nn
 
