@@ -1,8 +1,7 @@
-"""Cheaper teachers: the offline top-k cache and quantized teachers, on tiny models."""
+"""The offline top-k teacher cache, on tiny models (quantized teachers: test_quantized_teacher.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from kdistill.cache import TeacherCache, cache_from_plan, dequantize, quantize, shard_name, top_k_targets
-from kdistill.core.cli import app
 from kdistill.core.config import resolve
 from kdistill.core.errors import ConfigError
 from kdistill.core.registry import Registry
@@ -24,7 +21,6 @@ from conftest import tiny_recipe, write_recipe
 from test_engine import engine_for
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
 def cached_recipe(assets, tmp_path, cache="cache", k=16, temperature=2.0, **train):
@@ -170,33 +166,3 @@ def test_training_from_the_cache_runs_no_teacher_forward(tiny_assets, tmp_path):
     live_summary = engine_for(live).run()
     # with k = vocabulary the cache differs from the live teacher only by its quantization
     assert summary["after"]["train/forward-kl"] == pytest.approx(live_summary["after"]["train/forward-kl"], rel=2e-2)
-
-
-@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes: pip install 'kdistill[quant]' (.ci/run does)")
-def test_a_4bit_teacher_loads_and_teacher_check_reports_its_perplexity(tiny_assets, tmp_path):
-    raw = tiny_recipe(tiny_assets, tmp_path / "run")
-    raw["teacher"]["options"].update(quantization="nf4", double_quant=True)
-    path = write_recipe(tmp_path / "q.yaml", raw)
-    result = CliRunner().invoke(app, ["teacher-check", str(path)])
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "run" / "analysis" / "teacher_check.json").read_text())
-    assert report["quantization"] == "nf4" and report["positions"] > 0
-    assert report["quant_mib"] < report["full_mib"]
-    assert report["kl_full_quant"] > 0 and 0 <= report["top1_agreement"] <= 1
-    assert f"| nf4 | {report['quant_ppl']:.3f} |" in result.stdout
-    assert f"| full precision | {report['full_ppl']:.3f} |" in result.stdout
-    from kdistill.plugins.teachers.hf import HFTeacher
-
-    teacher = HFTeacher(HFTeacher.Options(model=tiny_assets["teacher"], quantization="nf4"))
-    teacher.load(torch.device("cpu"))
-    assert type(teacher.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    summary = engine_for(raw).run()  # a student distilled from the 4-bit teacher
-    assert summary["after"]["val/teacher_ppl"] == pytest.approx(report["quant_ppl"], rel=1e-4)
-
-
-def test_teacher_check_refuses_an_unquantized_teacher(tiny_assets, tmp_path):
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_assets, tmp_path / "run"))
-    result = CliRunner().invoke(app, ["teacher-check", str(path)])
-    assert result.exit_code == 2
-    assert result.stderr == ("error: teacher.options.quantization: the recipe's teacher is not quantized (set nf4, fp4 or "
-                             "int8); nothing to compare\n")

@@ -71,7 +71,8 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
         kwargs["use_safetensors"] = True
         kwargs["dtype"] = DTYPES[dtype]
     if quantization != "none" and not gguf_file:
-        kwargs.update(_bitsandbytes(field, quantization, double_quant, dtype))
+        shapes = _skeleton(path, trust_remote_code) if quantization in ("nf4", "fp4") else None
+        kwargs.update(_bitsandbytes(field, quantization, double_quant, dtype, shapes))
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
@@ -87,7 +88,58 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
     return loaded
 
 
-def _bitsandbytes(field: str, quantization: str, double_quant: bool, dtype: str) -> dict[str, Any]:
+# bitsandbytes quantizes 4-bit weights in blocks of 64 values. On CPUs with AVX-512 BF16 it repacks a
+# layer's weights for its fused kernel the first time the layer runs in eval mode without gradients (as a
+# teacher does); the repacking needs in_features a multiple of the block and out_features a multiple of
+# 32, and fails mid-run otherwise (bitsandbytes 0.50).
+BNB_4BIT_BLOCK = 64
+BNB_CPU_PACK_ROWS = 32
+
+
+def _skeleton(path: Path, trust_remote_code: bool) -> nn.Module:
+    """The model's modules on the meta device (shapes only, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"teacher.options.model: cannot read a model config from {path}: {str(exc).splitlines()[0]}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _unpackable_4bit_layers(model: nn.Module, field: str) -> list[str]:
+    """Linear layers that bitsandbytes' packed 4-bit CPU kernel cannot take, to keep unquantized; with
+    one warning naming them. Empty for every model whose widths are multiples of 64 (real LLMs)."""
+    head = model.get_output_embeddings()
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and module is not head
+             and (module.in_features % BNB_4BIT_BLOCK or module.out_features % BNB_CPU_PACK_ROWS)]
+    if names:
+        shown: dict[str, int] = {}
+        for name in names:  # model.layers.0.mlp.down_proj -> model.layers.*.mlp.down_proj
+            pattern = re.sub(r"\.\d+\.", ".*.", name)
+            shown[pattern] = shown.get(pattern, 0) + 1
+        log.warning("%s: %d linear layers kept unquantized, their widths not multiples of the 4-bit block "
+                    "(in_features of %d, out_features of %d): %s", field, len(names), BNB_4BIT_BLOCK,
+                    BNB_CPU_PACK_ROWS, ", ".join(f"{p} (x{n})" if n > 1 else p for p, n in shown.items()))
+    return names
+
+
+def _default_skips(model: nn.Module) -> list[str]:
+    """What transformers keeps unquantized by default (the output head and tied weights); naming skip
+    modules replaces that default, so it is added back."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # transformers < 5
+        from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+    return list(get_keys_to_not_convert(model))
+
+
+def _bitsandbytes(field: str, quantization: str, double_quant: bool, dtype: str,
+                  shapes: nn.Module | None = None) -> dict[str, Any]:
+    """transformers' loading options for bitsandbytes; `shapes` (the model, or its meta-device
+    skeleton) lets 4-bit quantization keep the layers its CPU kernel cannot take unquantized."""
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -96,8 +148,10 @@ def _bitsandbytes(field: str, quantization: str, double_quant: bool, dtype: str)
     if quantization == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
+        narrow = _unpackable_4bit_layers(shapes, field) if shapes is not None else []
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=double_quant,
-                                    bnb_4bit_compute_dtype=DTYPES[dtype])
+                                    bnb_4bit_compute_dtype=DTYPES[dtype],
+                                    llm_int8_skip_modules=_default_skips(shapes) + narrow if narrow else None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {"quantization_config": config, "device_map": device, "dtype": DTYPES[dtype]}
 
@@ -111,9 +165,9 @@ def _requantize(model: nn.Module, field: str, quantization: str, double_quant: b
 
     with tempfile.TemporaryDirectory(prefix="kdistill-requantize-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        options = _bitsandbytes(field, quantization, double_quant, dtype, model if quantization in ("nf4", "fp4") else None)
         del model
-        return AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, use_safetensors=True,
-                                                    **_bitsandbytes(field, quantization, double_quant, dtype))
+        return AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, use_safetensors=True, **options)
 
 
 def load_tokenizer(model: str, field: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -151,11 +205,26 @@ def dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
             if name == "weight" and kind == "Linear4bit" and getattr(tensor, "quant_state", None) is not None:
                 import bitsandbytes.functional as bnb_functional
 
-                tensor = bnb_functional.dequantize_4bit(tensor.data, tensor.quant_state)
+                if getattr(tensor.quant_state, "packing_format_for_cpu", False):  # repacked for AVX-512 BF16 when it ran
+                    tensor = unpack_cpu_4bit(tensor.data, tensor.quant_state)
+                else:
+                    tensor = bnb_functional.dequantize_4bit(tensor.data, tensor.quant_state)
             elif name == "weight" and kind == "Linear8bitLt" and getattr(tensor, "SCB", None) is not None:
                 tensor = tensor.data.float() * tensor.SCB.float().unsqueeze(1) / 127
             out[key] = tensor
     return out
+
+
+def unpack_cpu_4bit(data: torch.Tensor, state) -> torch.Tensor:
+    """The float32 weight [N, K] of a 4-bit layer that bitsandbytes repacked for its AVX-512 BF16 CPU
+    kernel: bytes [N, K/2] holding two codes each in tiles of 32 rows, scales [K/block, N] in bfloat16.
+    (bitsandbytes 0.50's own inverse misplaces the scales of layers without double quantization.)"""
+    n, k = state.shape
+    packed = data.view(torch.uint8).reshape(-1, BNB_CPU_PACK_ROWS)
+    codes = torch.cat([packed & 0xF, packed >> 4], dim=-1)
+    codes = codes.reshape(n // BNB_CPU_PACK_ROWS, k // 2, BNB_CPU_PACK_ROWS, 2).transpose(1, 2).reshape(n, k)
+    scales = state.absmax.T.float().repeat_interleave(state.blocksize, dim=1)
+    return state.code.float().to(data.device)[codes.long()] * scales
 
 
 def student_from_teacher(teacher: nn.Module, layers: list[int], dtype: str) -> nn.Module:
