@@ -53,10 +53,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from kdistill.cache import cache_from_plan
+    from kdistill.plugins.teachers.cached import cache_from_plan
     from kdistill.core.config import load_recipe, resolve
     from kdistill.core.engine import run_recipe
-    from kdistill.core.cli import RECIPES_DIR
+    from kdistill.cli import RECIPES_DIR
     from kdistill.core.registry import Registry
 
     common = [f"train.steps={args.steps}", "train.save_every=0", "train.eval_every=0", "tracker={name: jsonl}"]

@@ -26,7 +26,7 @@ import torch
 
 
 def one_run(args, workdir: Path, deepspeed: bool) -> dict:
-    from kdistill.core.cli import RECIPES_DIR
+    from kdistill.cli import RECIPES_DIR
     from kdistill.core.engine import run_recipe
 
     cuda = args.device == "cuda"

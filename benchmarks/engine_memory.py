@@ -23,7 +23,7 @@ from pathlib import Path
 
 def measure(fused: bool, steps: int, workdir: Path) -> dict:
     out = workdir / ("fused" if fused else "logits")
-    cmd = [sys.executable, "-m", "kdistill.core.cli", "run", "quickstart", "--overwrite",
+    cmd = [sys.executable, "-m", "kdistill.cli", "run", "quickstart", "--overwrite",
            "--set", f"train.steps={steps}", "--set", "train.eval_every=0", "--set", "train.save_every=0",
            "--set", "evaluators=[]", "--set", "tracker={name: jsonl}", "--set", f"strategy.options.fused={str(fused).lower()}",
            "--set", f"output_dir={out}"]

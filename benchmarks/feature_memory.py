@@ -58,7 +58,7 @@ overrides = sys.argv[3:]
 if sys.argv[1] == "logit-only":
     overrides += ["losses=[{name: forward-kl, weight: 0.5, options: {temperature: 2.0}}, {name: cross-entropy, weight: 0.5}]",
                   "layer_mapper=null"]
-from kdistill.core.cli import recipe_path
+from kdistill.cli import recipe_path
 from pathlib import Path
 run_recipe(recipe_path(Path("quickstart-features")), overrides=overrides, overwrite=True,
            pm=make_plugin_manager(extra_plugins=[("probe", probe)]))

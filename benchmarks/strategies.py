@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     import yaml
 
-    from kdistill.core.cli import RECIPES_DIR
+    from kdistill.cli import RECIPES_DIR
     from kdistill.core.engine import run_recipe
 
     rows = []

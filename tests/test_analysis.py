@@ -63,7 +63,7 @@ def test_agreement_sums_by_hand():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "kdistill.core.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "kdistill.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_calculators():

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdistill.cache import TeacherCache, cache_from_plan, dequantize, quantize, shard_name, top_k_targets
+from kdistill.plugins.teachers.cache_store import TeacherCache, dequantize, quantize, shard_name, top_k_targets
+from kdistill.plugins.teachers.cached import cache_from_plan
 from kdistill.core.config import resolve
 from kdistill.core.errors import ConfigError
 from kdistill.core.registry import Registry
@@ -61,7 +62,7 @@ def test_a_cache_killed_mid_shard_and_resumed_equals_one_written_in_one_go(tiny_
     cut = cached_recipe(tiny_assets, tmp_path, cache="cut")
     path = write_recipe(tmp_path / "cut.yaml", cut)
     killer = ("import os, signal, sys\n"
-              "import kdistill.cache as c\n"
+              "import kdistill.plugins.teachers.cache_store as c\n"
               "original, calls = c._teacher_logits, [0]\n"
               "def dying(*a):\n"
               "    calls[0] += 1\n"
@@ -69,7 +70,7 @@ def test_a_cache_killed_mid_shard_and_resumed_equals_one_written_in_one_go(tiny_
               "        os.kill(os.getpid(), signal.SIGKILL)\n"
               "    return original(*a)\n"
               "c._teacher_logits = dying\n"
-              "from kdistill.core.cli import app\n"
+              "from kdistill.cli import app\n"
               f"sys.argv = ['kdistill', 'cache-teacher', {str(path)!r}]\n"
               "app()\n")
     proc = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, env=ENV, timeout=300)
@@ -90,7 +91,7 @@ def test_the_cache_reads_back_the_teachers_top_k(tiny_assets, tmp_path):
     manifest = cache_from_plan(plan_of(raw), progress=False)
     cache = TeacherCache(tmp_path / "cache")
     engine = engine_for(tiny_recipe(tiny_assets, tmp_path / "live"))
-    engine._build()
+    engine.build()
     engine.data.options  # the live run's data differ (no max_train_blocks): build the cached run's own
     data = plan_of(raw).one("data").build()
     data.setup(engine.tokenizer, 0)
@@ -151,13 +152,13 @@ def test_training_from_the_cache_runs_no_teacher_forward(tiny_assets, tmp_path):
     raw["evaluators"] = []
     cache_from_plan(plan_of(raw), progress=False)
     engine = engine_for(raw)
-    original = engine._build
+    original = engine.build
     calls = []
 
     def counting():
         original()
         engine.teacher.model.register_forward_hook(lambda *a: calls.append(1))
-    engine._build = counting
+    engine.build = counting
     summary = engine.run()
     assert calls == [] and engine.flops_per_token == 6 * sum(p.numel() for p in engine.student.parameters())
     live = json.loads(json.dumps(raw))

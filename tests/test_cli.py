@@ -21,7 +21,7 @@ RECIPES = sorted((ROOT / "src" / "kdistill" / "strategies" / "recipes").glob("*.
 
 def kdistill(*args, env=None, cwd=None):
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kdistill.core.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kdistill.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=300)
 
 

@@ -36,7 +36,7 @@ TOLERANCE = 1e-5
 
 def torchrun(recipe: Path, *args: str, procs: int = 2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(_port()),
-           "-m", "kdistill.core.cli", "run", str(recipe), *args]
+           "-m", "kdistill.cli", "run", str(recipe), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -69,7 +69,7 @@ def recipe(assets, out: Path, **train) -> dict:
 @pytest.mark.parametrize("stage,teacher", [(2, "replicated"), (3, "zero3")])
 def test_two_processes_match_one_and_resume_exactly(tiny_assets, tmp_path, stage, teacher):
     one = recipe(tiny_assets, tmp_path / "one", batch_size=4)
-    subprocess.run([sys.executable, "-m", "kdistill.core.cli", "run", str(write_recipe(tmp_path / "one.yaml", one))],
+    subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(write_recipe(tmp_path / "one.yaml", one))],
                    check=True, capture_output=True, env=ENV, timeout=600)
 
     two = recipe(tiny_assets, tmp_path / "two", batch_size=2, grad_accum=1)
@@ -103,7 +103,7 @@ def test_a_resume_that_deepspeed_cannot_load_is_an_error(tiny_assets, tmp_path):
     folder = tmp_path / "run" / "checkpoints" / "step-00000001"
     folder.mkdir(parents=True)
     (folder / "COMPLETE").write_text(json.dumps({"step": 1, "files": {}}))  # complete by our marker, empty for DeepSpeed
-    result = subprocess.run([sys.executable, "-m", "kdistill.core.cli", "run", str(path), "--resume"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(path), "--resume"], capture_output=True,
                             text=True, env=ENV, timeout=600)
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (f"error: --resume: DeepSpeed could not load the checkpoint {folder} "

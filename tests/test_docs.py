@@ -61,7 +61,7 @@ def test_yaml_in_the_docs_validates_as_part_of_a_recipe(tiny_assets, tmp_path):
 def test_kdistill_commands_in_the_docs_exist_with_their_options():
     import typer.main
 
-    from kdistill.core.cli import app
+    from kdistill.cli import app
 
     group = typer.main.get_command(app)
     seen = 0
@@ -100,13 +100,14 @@ def test_the_plugin_how_to_code_is_a_working_plugin():
 
 def test_generated_component_pages_list_every_component_and_option():
     from kdistill.core.registry import Registry
-    from kdistill.docgen import PAGE_OF_KIND, component_pages, recipe_schema_page, strategy_pages
+    from kdistill.core.components import KINDS
+    from kdistill.docgen import component_pages, recipe_schema_page, strategy_pages
 
     registry = Registry.from_plugins()
     pages = component_pages(registry)
-    assert set(pages) == set(PAGE_OF_KIND.values())
+    assert set(pages) == {kind.page for kind in KINDS.values()}
     for entry in registry:
-        page = pages[PAGE_OF_KIND[entry.kind]]
+        page = pages[KINDS[entry.kind].page]
         assert f"## `{entry.name}`" in page
         for option in entry.cls.Options.model_fields:
             assert f"| `{option}` |" in page, (entry.name, option)

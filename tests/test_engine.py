@@ -222,7 +222,7 @@ def test_fused_and_full_logit_paths_train_the_same_student(recipe_factory, tmp_p
     a_engine, b_engine = engine_for(fused), engine_for(plain)
     a_engine.run()
     b_engine.run()
-    assert a_engine.strategy.use_fused and not b_engine.strategy.use_fused
+    assert a_engine.strategy.step.use_fused and not b_engine.strategy.step.use_fused
     a = load_file(str(tmp_path / "fused" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
     for key in a:

@@ -174,7 +174,7 @@ def test_feature_distillation_trains_projectors_and_mix_and_resumes_exactly(reci
     raw = feature_recipe(recipe_factory, steps=4, save_every=2, keep_checkpoints=3)
     engine = engine_for(raw)
     engine.run()
-    assert engine.strategy.bridge is not None and "bridge" in engine.modules
+    assert engine.strategy.step.bridge is not None and "bridge" in engine.modules
     ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.safetensors"))
     bridge = {k: v for k, v in ckpt.items() if k.startswith("bridge.")}
     assert set(bridge) == {"bridge.projectors.0.weight", "bridge.projectors.1.weight", "bridge.mixer.logits"}
@@ -236,4 +236,4 @@ def test_projectors_map_between_different_widths(recipe_factory, tiny_assets):
     raw["losses"].append({"name": "attention-kl"})
     engine = engine_for(raw)
     engine.run()
-    assert [tuple(p.weight.shape) for p in engine.strategy.bridge.projectors] == [(32, 16)] * 3
+    assert [tuple(p.weight.shape) for p in engine.strategy.step.bridge.projectors] == [(32, 16)] * 3

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from kdistill.core.cli import app
+from kdistill.cli import app
 
 BASE = {
     "student": {"from_teacher": {"layers": [0, 3]}},

@@ -95,9 +95,50 @@ def test_every_hook_is_called_in_a_run(tiny_assets, tmp_path):
     raw["scheduler"] = {"name": "test-doubling"}
     raw["losses"].append({"name": "test-scaled-ce", "weight": 0.1, "options": {"factor": 2.0}})
     Engine(resolve(raw, registry), pm, registry).run()
-    assert sorted(calls) == SPECS
+    assert sorted(calls) == [name for name in SPECS if name != "kd_register_commands"]  # the command line's hook
     assert [c["step"] for c in calls["kd_step_finished"]] == [1, 2, 3]
     assert "train/test-scaled-ce" in calls["kd_step_finished"][0]["metrics"]
     assert calls["kd_run_started"][0]["output_dir"] == str(tmp_path / "run")
     assert calls["kd_run_finished"][0]["status"] == "FINISHED"
     assert calls["kd_run_finished"][0]["metrics"]["train/loss"] == calls["kd_step_finished"][-1]["metrics"]["train/loss"]
+
+
+def test_plugins_add_commands_and_a_failing_one_is_named(recwarn):
+    import typer
+    from typer.testing import CliRunner
+
+    from kdistill.cli import add_plugin_commands
+
+    greeter, broken = types.ModuleType("greeter"), types.ModuleType("broken")
+
+    @kdistill.hookimpl
+    def kd_register_commands(app):
+        @app.command("hello")
+        def hello(name: str = "world") -> None:
+            print(f"hello {name}")
+    greeter.kd_register_commands = kd_register_commands
+
+    @kdistill.hookimpl(specname="kd_register_commands")
+    def fails(app):
+        raise RuntimeError("no luck")
+    broken.fails = fails
+
+    app = typer.Typer()
+
+    @app.command("other")
+    def other() -> None:
+        print("other")
+    pm = make_plugin_manager(extra_plugins=[("greeter", greeter), ("broken", broken)], load_entry_points=False)
+    add_plugin_commands(app, pm)
+    result = CliRunner().invoke(app, ["hello", "--name", "kd"])
+    assert result.exit_code == 0 and result.stdout == "hello kd\n"
+    assert [str(w.message) for w in recwarn] == ["plugin 'broken': kd_register_commands failed: RuntimeError: no luck"]
+
+
+def test_the_built_in_commands_come_from_their_components():
+    from kdistill.cli import app
+
+    owners = {c.name or c.callback.__name__.replace("_", "-"): c.callback.__module__ for c in app.registered_commands}
+    assert owners["cache-teacher"] == "kdistill.plugins.teachers.cached"
+    assert owners["analyze"] == owners["teacher-check"] == "kdistill.plugins.teachers.analysis"
+    assert owners["run"] == "kdistill.cli"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kdistill.core.cli import app
+from kdistill.cli import app
 from kdistill.core.models import dense_weights, unpack_cpu_4bit
 
 from conftest import tiny_recipe, write_recipe

@@ -20,7 +20,7 @@ missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
 def test_quickstart_distills_the_real_teacher(tmp_path):
     env = {**os.environ}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-m", "kdistill.core.cli", "run", "quickstart"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", "kdistill.cli", "run", "quickstart"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import kdistill
 from kdistill.core import checkpoint as ckpt
-from kdistill.core.cli import app
+from kdistill.cli import app
 from kdistill.core.config import resolve
 from kdistill.core.engine import Engine
 from kdistill.core.errors import ComponentError, ConfigError, KdistillError
@@ -51,7 +51,7 @@ def _prune(root, keep):
         os.kill(os.getpid(), signal.SIGKILL)
     prune(root, keep)
 ck._save_tensors, ck._write_bytes, ck.prune = _save_tensors, _write_bytes, _prune
-from kdistill.core.cli import app
+from kdistill.cli import app
 sys.argv = ["kdistill", "run", recipe]
 app()
 """
@@ -348,7 +348,7 @@ def test_a_plugin_that_fails_to_import(tiny_assets, tmp_path):
            "ModuleNotFoundError: No module named 'a_dependency_that_is_not_installed'")
 
     def run(*args):
-        return subprocess.run([sys.executable, "-W", "always", "-m", "kdistill.core.cli", *map(str, args)],
+        return subprocess.run([sys.executable, "-W", "always", "-m", "kdistill.cli", *map(str, args)],
                               capture_output=True, text=True, env=env, timeout=300)
 
     from conftest import tiny_recipe

@@ -20,7 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "kdistill.core.cli", "run", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kdistill.cli", "run", *map(str, args)], capture_output=True,
                           text=True, env=ENV, timeout=600)
 
 
@@ -49,7 +49,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
     first = tmp_path / "cut" / "checkpoints" / "step-00000001"
     for attempt in range(5):
         delay = rng.uniform(0.0, 0.4) / (attempt + 1)
-        proc = subprocess.Popen([sys.executable, "-m", "kdistill.core.cli", "run", str(cut_path), "--overwrite"],
+        proc = subprocess.Popen([sys.executable, "-m", "kdistill.cli", "run", str(cut_path), "--overwrite"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         while not first.exists() and proc.poll() is None:
             time.sleep(0.002)

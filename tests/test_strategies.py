@@ -58,7 +58,7 @@ def changed(before, module):
 
 def test_online_trains_the_teacher_at_its_own_rate(recipe_factory):
     engine = engine_for(strategy_recipe(recipe_factory, "online", steps=2))
-    engine._build()
+    engine.build()
     teacher, student = engine.teacher.model, engine.student
     t0, s0 = snapshot(teacher), snapshot(student)
     assert {g["name"]: g["lr"] for g in engine.optimizer.param_groups} == {"student": 1e-3, "teacher": 5e-4}
@@ -71,7 +71,7 @@ def test_online_trains_the_teacher_at_its_own_rate(recipe_factory):
 
 def test_online_student_gradient_does_not_reach_the_teacher(recipe_factory):
     engine = engine_for(strategy_recipe(recipe_factory, "online"))
-    engine._build()
+    engine.build()
     engine.strategy.options = engine.strategy.Options(teacher_weight=0.0)
     batch = engine._micro_batch(0)
     total, _ = engine.strategy.loss(batch)
@@ -82,7 +82,7 @@ def test_online_student_gradient_does_not_reach_the_teacher(recipe_factory):
 
 def test_mutual_trains_every_peer_and_leaves_the_teacher_alone(recipe_factory):
     engine = engine_for(strategy_recipe(recipe_factory, "mutual"))
-    engine._build()
+    engine.build()
     peer = engine.strategy.peers[1]
     p0, s0, t0 = snapshot(peer), snapshot(engine.student), snapshot(engine.teacher.model)
     metrics = engine._step(0)
@@ -93,7 +93,7 @@ def test_mutual_trains_every_peer_and_leaves_the_teacher_alone(recipe_factory):
 
 def test_ema_follows_the_student_by_the_closed_form(recipe_factory):
     engine = engine_for(strategy_recipe(recipe_factory, "ema-self"))
-    engine._build()
+    engine.build()
     ema = engine.strategy.ema
     start = snapshot(ema)
     assert not any(p.requires_grad for p in ema.parameters())
@@ -122,7 +122,7 @@ def test_views_keep_positions_and_labels_aligned():
 
 def test_multi_view_teacher_sees_the_view_and_the_student_trains(recipe_factory):
     engine = engine_for(strategy_recipe(recipe_factory, "multi-view"))
-    engine._build()
+    engine.build()
     s0 = snapshot(engine.student)
     seen = []
     original = engine.strategy.view
@@ -148,7 +148,7 @@ def test_mtp_heads_are_causal():
 def test_mtp_future_token_does_not_change_earlier_auxiliary_outputs(recipe_factory):
     """Through the whole model: changing input token j leaves every auxiliary head's output before j alone."""
     engine = engine_for(strategy_recipe(recipe_factory, "mtp-self"))
-    engine._build()
+    engine.build()
     from kdistill.core.fused import final_hidden
 
     batch = engine._micro_batch(0)
@@ -165,7 +165,7 @@ def test_mtp_future_token_does_not_change_earlier_auxiliary_outputs(recipe_facto
 
 def test_mtp_trains_the_heads_and_the_student(recipe_factory):
     engine = engine_for(strategy_recipe(recipe_factory, "mtp-self"))
-    engine._build()
+    engine.build()
     h0, s0, t0 = snapshot(engine.strategy.heads), snapshot(engine.student), snapshot(engine.teacher.model)
     metrics = engine._step(0)
     assert len(changed(h0, engine.strategy.heads)) == len(h0) and len(changed(s0, engine.student)) == len(s0)

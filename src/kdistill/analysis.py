@@ -1,4 +1,4 @@
-"""Small calculations behind `kdistill temperatures`, `kdistill kl` and `kdistill flops`.
+"""Small calculations behind `kdistill temperatures`, `kl`, `flops` and `zero-memory`, and `sweep`.
 
 Plain float64 arithmetic on a few numbers: what a reader of a distillation paper checks by hand.
 """
@@ -100,41 +100,6 @@ def zero_memory(teacher_params: float, student_params: float, gpus: int, teacher
 # --------------------------------------------------------------------------- over a recipe's models
 
 
-def teacher_report(plan, text: str, top_k: int = 10, max_batches: int | None = None):
-    """The teacher's top-k next tokens after `text`, its entropy there, and the per-position
-    entropies (nats) over the recipe's validation split. Returns (rows, entropy, entropies)."""
-    import torch
-
-    from kdistill.core.errors import KdistillError
-
-    resolved = plan.one("teacher")
-    if resolved is None:
-        raise KdistillError("teacher: the recipe has no teacher to analyse")
-    teacher = resolved.build()
-    teacher.load(torch.device("cpu"))
-    model, tok = teacher.model, teacher.tokenizer
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    if ids.numel() == 0:
-        raise KdistillError("--text: gives no tokens")
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[0, -1].double()
-    probs = torch.softmax(logits, -1)
-    top = probs.topk(top_k)
-    rows = [(i + 1, tok.decode([int(t)]), float(p)) for i, (p, t) in enumerate(zip(top.values, top.indices))]
-    here = float(-(probs * probs.clamp(min=1e-300).log()).sum())
-    data = plan.one("data").build()
-    data.setup(tok, plan.recipe.train.seed)
-    entropies: list[float] = []
-    with torch.no_grad():
-        for n, batch in enumerate(data.val_batches(plan.recipe.train.eval_batch_size or plan.recipe.train.batch_size)):
-            if max_batches is not None and n >= max_batches:
-                break
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[batch.mask].double()
-            logp = torch.log_softmax(out, -1)
-            entropies += (-(logp.exp() * logp).sum(-1)).tolist()
-    return rows, here, entropies
-
-
 def split_sweep(overrides: list[str]) -> tuple[str, list, list[str]]:
     """The one `--set KEY=V1,V2,...` with several values, its values, and the other overrides."""
     from kdistill.core.config import parse_yaml
@@ -170,7 +135,7 @@ def sweep_validation(recipe, key: str, values: list, overrides: list[str]) -> li
     registry = Registry.from_plugins(pm)
     plans = [resolve(load_recipe(recipe, [*overrides, f"{key}={v}"]), registry) for v in values]
     engine = Engine(plans[0], pm, registry)
-    engine._build()
+    engine.build()
     scores = []
     for plan in plans:
         engine.context.losses = [(item.entry.name, item.weight, item.build()) for item in plan.components["losses"]]
@@ -178,7 +143,7 @@ def sweep_validation(recipe, key: str, values: list, overrides: list[str]) -> li
         total, count = 0.0, 0
         engine.student.eval()
         with torch.no_grad():
-            for batch in engine._val_batches():
+            for batch in engine.val_batches():
                 engine.context.total_tokens = max(1, int(batch.mask.sum()))
                 loss, _ = engine.strategy.loss(batch)
                 total += float(loss)
@@ -200,51 +165,3 @@ def sweep_training(recipe, key: str, values: list, overrides: list[str], output_
         metric = summary.get("best_metric") or metric
         scores.append(float(summary["after"].get(metric, float("nan"))))
     return scores, metric
-
-
-def teacher_check(plan, max_batches: int | None = None) -> dict[str, float]:
-    """A quantized `hf` teacher beside its full-precision self on the validation split: perplexity of
-    each, KL(full || quantized) and top-1 agreement per position, and the weights' memory."""
-    import torch
-
-    from kdistill.core.errors import ConfigError
-    from kdistill.evaluators.agreement import agreement_sums
-    from kdistill.plugins.teachers.hf import HFTeacher
-
-    resolved = plan.one("teacher")
-    if resolved is None or not issubclass(resolved.entry.cls, HFTeacher):
-        raise ConfigError("teacher: teacher-check compares an `hf` teacher loaded quantized with its full-precision self")
-    if resolved.options.quantization == "none":
-        raise ConfigError("teacher.options.quantization: the recipe's teacher is not quantized (set nf4, fp4 or int8); "
-                          "nothing to compare")
-    if plan.recipe.train.num_threads:
-        torch.set_num_threads(plan.recipe.train.num_threads)
-    device = torch.device("cpu")
-    full = HFTeacher(resolved.options.model_copy(update={"quantization": "none"}))
-    full.load(device)
-    quant = resolved.build()
-    quant.load(device)
-    data = plan.one("data").build()
-    data.setup(full.tokenizer, plan.recipe.train.seed)
-    sums = {"nll_full": 0.0, "nll_quant": 0.0, "kl": 0.0, "agree": 0.0}
-    count = 0
-    with torch.no_grad():
-        for n, batch in enumerate(data.val_batches(plan.recipe.train.eval_batch_size or plan.recipe.train.batch_size)):
-            if max_batches is not None and n >= max_batches:
-                break
-            kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
-            mask = batch.mask
-            a, b = full.model(**kwargs).logits[mask].double(), quant.model(**kwargs).logits[mask].double()
-            labels = batch.labels[mask]
-            sums["nll_full"] += float(torch.nn.functional.cross_entropy(a, labels, reduction="sum"))
-            sums["nll_quant"] += float(torch.nn.functional.cross_entropy(b, labels, reduction="sum"))
-            agreement = agreement_sums(b, a, k=1, temperature=1.0)  # KL(full || quantized), top-1 match
-            sums["kl"] += agreement["kl"]
-            sums["agree"] += agreement["top1"]
-            count += int(mask.sum())
-    if count == 0:
-        raise ConfigError("data: the validation split is empty; teacher-check needs validation data")
-    return {"positions": count, "full_ppl": math.exp(sums["nll_full"] / count), "quant_ppl": math.exp(sums["nll_quant"] / count),
-            "kl_full_quant": sums["kl"] / count, "top1_agreement": sums["agree"] / count,
-            "full_mib": full.model.get_memory_footprint() / 2**20, "quant_mib": quant.model.get_memory_footprint() / 2**20,
-            "quantization": resolved.options.quantization}

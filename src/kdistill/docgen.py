@@ -20,12 +20,6 @@ from kdistill.core.config import DistributedSpec, FromTeacher, Recipe, StudentSp
 from kdistill.core.registry import Registry
 
 RECIPES_DIR = Path(__file__).resolve().parent / "strategies" / "recipes"
-KIND_TITLES = {"teacher": "Teacher providers", "loss": "Losses", "layer_mapper": "Layer mappers", "scheduler": "Schedulers",
-               "evaluator": "Evaluators", "strategy": "Strategies", "data_source": "Data sources", "tracker": "Trackers"}
-PAGE_OF_KIND = {"teacher": "teachers.md", "loss": "losses.md", "layer_mapper": "layer-mappers.md", "scheduler": "schedulers.md",
-                "evaluator": "evaluators.md", "strategy": "strategies.md", "data_source": "data-sources.md", "tracker": "trackers.md"}
-SLOT_OF_KIND = {"teacher": "teacher", "loss": "losses[]", "layer_mapper": "layer_mapper", "scheduler": "scheduler",
-                "evaluator": "evaluators[]", "strategy": "strategy", "data_source": "data", "tracker": "tracker"}
 
 
 def _type_name(annotation: Any) -> str:
@@ -61,18 +55,18 @@ def options_table(model: type[pydantic.BaseModel]) -> str:
 def component_pages(registry: Registry) -> dict[str, str]:
     """{file name: markdown} with one page per component kind."""
     pages = {}
-    for kind in KINDS:
-        title = KIND_TITLES[kind]
+    for kind, declared in KINDS.items():
+        title = declared.title
         lines = [f"# {title}", "",
                  f"Generated from the installed components' code: every `{kind}` component with its options "
-                 f"(recipe slot `{SLOT_OF_KIND[kind]}`, as `{{name: NAME, options: {{...}}}}`).", ""]
+                 f"(recipe slot `{declared.slot}{'[]' if declared.many else ''}`, as `{{name: NAME, options: {{...}}}}`).", ""]
         for entry in (e for e in registry if e.kind == kind):
             doc = (entry.cls.__doc__ or "").strip()
             lines += [f"## `{entry.name}`", "", f"From {entry.source}, class `{entry.cls.__module__}.{entry.cls.__qualname__}`.", ""]
             if doc:
                 lines += [" ".join(doc.split()), ""]
             lines += [options_table(entry.cls.Options)]
-        pages[PAGE_OF_KIND[kind]] = "\n".join(lines)
+        pages[declared.page] = "\n".join(lines)
     return pages
 
 

@@ -22,10 +22,10 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_.][a-z0-9]+)*$")
 
 
 def kind_of(cls: type) -> str:
-    for kind, (_, base) in KINDS.items():
-        if isinstance(cls, type) and issubclass(cls, base):
+    for kind, declared in KINDS.items():
+        if isinstance(cls, type) and issubclass(cls, declared.base):
             return kind
-    raise AssertionError(f"{cls!r} subclasses none of the component base classes ({', '.join(b.__name__ for _, b in KINDS.values())})")
+    raise AssertionError(f"{cls!r} subclasses none of the component base classes ({', '.join(k.base.__name__ for k in KINDS.values())})")
 
 
 def check_declares_name(cls: type[Component]) -> None:
@@ -61,7 +61,7 @@ def check_registers(cls: type[Component], plugin: ModuleType | object, plugin_na
     pm = make_plugin_manager(extra_plugins=[(plugin_name, plugin)], load_entry_points=False)
     registry = Registry.from_plugins(pm)
     entry = registry.find(kind_of(cls), cls.name)
-    assert entry is not None, f"plugin {plugin_name!r} does not register {cls.__qualname__} through {KINDS[kind_of(cls)][0]}"
+    assert entry is not None, f"plugin {plugin_name!r} does not register {cls.__qualname__} through {KINDS[kind_of(cls)].hook}"
     assert entry.cls is cls and entry.plugin == plugin_name
 
 

@@ -31,6 +31,6 @@ def test_listed_by_kdistill_plugins():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "kdistill.core.cli", "plugins"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "kdistill.cli", "plugins"], capture_output=True, text=True, check=True).stdout
     row = next(line for line in out.splitlines() if "example-logit-cosine" in line)
     assert [c.strip() for c in row.strip("│ ").split("│")][:4] == ["loss", "example-logit-cosine", "example", "kdistill-example-plugin"]

@@ -375,14 +375,27 @@ class EvalContext:
     log_artifact: Any = None
 
 
-# kind -> (registration hook, base class); the single place that lists the kinds.
-KINDS: dict[str, tuple[str, type[Component]]] = {
-    "teacher": ("kd_register_teachers", TeacherProvider),
-    "loss": ("kd_register_losses", Loss),
-    "layer_mapper": ("kd_register_layer_mappers", LayerMapper),
-    "scheduler": ("kd_register_schedulers", Scheduler),
-    "evaluator": ("kd_register_evaluators", Evaluator),
-    "strategy": ("kd_register_strategies", Strategy),
-    "data_source": ("kd_register_data_sources", DataSource),
-    "tracker": ("kd_register_trackers", Tracker),
-}
+@dataclass(frozen=True)
+class Kind:
+    """One kind of component. `KINDS` is the single place that lists them: the registration hook
+    specs, the registry's kinds, the recipe's slots and the generated docs pages all come from it."""
+
+    name: str                 # the registry's kind, e.g. "data_source"
+    base: type[Component]     # what a component of this kind subclasses
+    hook: str                 # the registration hook plugins implement
+    slot: str                 # the recipe field that names such components
+    many: bool                # whether that field is a list
+    title: str                # what the docs call them
+    page: str                 # their generated docs page
+
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (
+    Kind("teacher", TeacherProvider, "kd_register_teachers", "teacher", False, "Teacher providers", "teachers.md"),
+    Kind("loss", Loss, "kd_register_losses", "losses", True, "Losses", "losses.md"),
+    Kind("layer_mapper", LayerMapper, "kd_register_layer_mappers", "layer_mapper", False, "Layer mappers", "layer-mappers.md"),
+    Kind("scheduler", Scheduler, "kd_register_schedulers", "scheduler", False, "Schedulers", "schedulers.md"),
+    Kind("evaluator", Evaluator, "kd_register_evaluators", "evaluators", True, "Evaluators", "evaluators.md"),
+    Kind("strategy", Strategy, "kd_register_strategies", "strategy", False, "Strategies", "strategies.md"),
+    Kind("data_source", DataSource, "kd_register_data_sources", "data", False, "Data sources", "data-sources.md"),
+    Kind("tracker", Tracker, "kd_register_trackers", "tracker", False, "Trackers", "trackers.md"),
+)}

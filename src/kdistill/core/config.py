@@ -17,7 +17,7 @@ import pydantic
 import yaml
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from kdistill.core.components import Component
+from kdistill.core.components import KINDS, Component
 from kdistill.core.errors import ConfigError
 from kdistill.core.registry import Entry, Registry
 
@@ -114,17 +114,11 @@ class Recipe(StaticModel):
     distributed: DistributedSpec = DistributedSpec()
 
 
-# slot in the recipe -> (component kind, a list of components?)
-SLOTS: dict[str, tuple[str, bool]] = {
-    "teacher": ("teacher", False),
-    "strategy": ("strategy", False),
-    "data": ("data_source", False),
-    "losses": ("loss", True),
-    "layer_mapper": ("layer_mapper", False),
-    "scheduler": ("scheduler", False),
-    "evaluators": ("evaluator", True),
-    "tracker": ("tracker", False),
-}
+# slot in the recipe -> (component kind, a list of components?), in the recipe's field order
+SLOTS: dict[str, tuple[str, bool]] = {kind.slot: (kind.name, kind.many)
+                                      for field in Recipe.model_fields for kind in KINDS.values() if kind.slot == field}
+if len(SLOTS) != len(KINDS):  # a kind without a recipe field
+    raise RuntimeError(f"recipe fields missing for kinds: {sorted(set(KINDS) - {k for k, _ in SLOTS.values()})}")
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ class Engine:
         for name in ("mlflow_run.json", "metrics.jsonl", "summary.json"):
             (self.out / name).unlink(missing_ok=True)
 
-    def _build(self) -> None:
+    def build(self) -> None:
         recipe, plan = self.recipe, self.plan
         self.dist = None
         if recipe.distributed.backend == "deepspeed":
@@ -187,12 +187,12 @@ class Engine:
                                 f"({len(theirs)} tokens; about {differ} entries differ); logit losses compare the two "
                                 "distributions token by token and need one vocabulary")
 
-    def _val_batches(self):
+    def val_batches(self):
         size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
         return (b.to(self.device) for b in self.data.val_batches(size))
 
     def evaluate(self, phase: str = "during") -> dict[str, float]:
-        context = EvalContext(student=self.student, teacher=self.teacher, val_batches=self._val_batches,
+        context = EvalContext(student=self.student, teacher=self.teacher, val_batches=self.val_batches,
                               tokenizer=self.tokenizer, device=self.device, phase=phase, output_dir=self.out,
                               log_artifact=self.tracker.log_artifact)
         metrics: dict[str, float] = {}
@@ -224,7 +224,7 @@ class Engine:
                 raise KdistillError("--resume-from: a chain of stages resumes with --resume")
             return self._run_chain(resume, overwrite, force)
         start_from = self._check_output_dir(resume, overwrite, resume_from)
-        self._build()  # bad input fails here, before anything in the output folder changes
+        self.build()  # bad input fails here, before anything in the output folder changes
         if overwrite and self.is_main:
             self._clear_output_dir()
         self._barrier()
@@ -548,7 +548,7 @@ class Engine:
     def _plot_losses(self) -> Path | None:
         """loss_curves.png: each loss term over this process's steps (a figure is not worth failing a run)."""
         try:
-            from kdistill.plots import loss_curves
+            from kdistill.core.plots import loss_curves
 
             return loss_curves(self.history, self.out / "loss_curves.png")
         except Exception as exc:  # noqa: BLE001

@@ -1,6 +1,8 @@
 """The hooks kdistill calls on plugins.
 
-Registration hooks return component classes (not instances); each class declares its `name`.
+Registration hooks return component classes (not instances); each class declares its `name`. There
+is one per kind of component, made from `components.KINDS`; `kd_register_commands` adds commands
+to the command line.
 Lifecycle hooks are called once per event for callbacks (logging, alerts); they never run per
 micro-batch. Every hook is documented in docs/hooks.md and exercised in tests/test_hooks.py.
 """
@@ -11,49 +13,29 @@ from typing import Any, Mapping, Sequence
 
 import pluggy
 
+from kdistill.core.components import KINDS, Kind
+
 PROJECT = "kdistill"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-@hookspec
-def kd_register_teachers() -> Sequence[type]:
-    """Return teacher provider classes (subclasses of `kdistill.TeacherProvider`)."""
+def _registration_spec(kind: Kind):
+    def spec() -> Sequence[type]:
+        ...
+    spec.__name__ = spec.__qualname__ = kind.hook
+    spec.__doc__ = f"Return {kind.title.lower()} classes (subclasses of `kdistill.{kind.base.__name__}`)."
+    return hookspec(spec)
+
+
+# one registration hook per kind (kd_register_teachers, kd_register_losses, ...), from KINDS
+for _kind in KINDS.values():
+    globals()[_kind.hook] = _registration_spec(_kind)
 
 
 @hookspec
-def kd_register_losses() -> Sequence[type]:
-    """Return loss classes (subclasses of `kdistill.Loss`)."""
-
-
-@hookspec
-def kd_register_layer_mappers() -> Sequence[type]:
-    """Return layer mapper classes (subclasses of `kdistill.LayerMapper`)."""
-
-
-@hookspec
-def kd_register_schedulers() -> Sequence[type]:
-    """Return scheduler classes (subclasses of `kdistill.Scheduler`)."""
-
-
-@hookspec
-def kd_register_evaluators() -> Sequence[type]:
-    """Return evaluator classes (subclasses of `kdistill.Evaluator`)."""
-
-
-@hookspec
-def kd_register_strategies() -> Sequence[type]:
-    """Return training strategy classes (subclasses of `kdistill.Strategy`)."""
-
-
-@hookspec
-def kd_register_data_sources() -> Sequence[type]:
-    """Return data source classes (subclasses of `kdistill.DataSource`)."""
-
-
-@hookspec
-def kd_register_trackers() -> Sequence[type]:
-    """Return tracker classes (subclasses of `kdistill.Tracker`)."""
+def kd_register_commands(app: Any) -> None:
+    """Add commands to the `kdistill` command line: `app` is its typer.Typer; use `@app.command()`."""
 
 
 @hookspec

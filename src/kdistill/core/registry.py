@@ -38,7 +38,8 @@ class Registry:
         pm = pm if pm is not None else make_plugin_manager()
         entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         problems: list[str] = []
-        for kind, (hook_name, base) in KINDS.items():
+        for kind, declared in KINDS.items():
+            hook_name, base = declared.hook, declared.base
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 dist, version = pm.distributions.get(impl.plugin_name, ("(in-process)", ""))
                 for component in impl.function() or ():

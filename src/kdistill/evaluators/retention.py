@@ -12,8 +12,8 @@ import yaml
 from pydantic import Field
 
 import kdistill
-from kdistill.core.errors import KdistillError
-from kdistill.core.paths import resolve_path
+from kdistill import KdistillError
+from kdistill import resolve_path
 
 
 class TaskData(kdistill.Options):
@@ -110,7 +110,7 @@ class Retention(kdistill.Evaluator):
         table.write_text(json.dumps({"metric": self.options.metric, "limit": self.options.limit, "tasks": rows}, indent=1))
         paths = [table]
         try:
-            from kdistill.plots import bars
+            from kdistill.toolkit import bars
 
             paths.append(bars([r["task"] for r in rows], {"teacher": [r["teacher"] for r in rows],
                                                            "student": [r["student"] for r in rows]},

@@ -8,12 +8,10 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill.core.errors import KdistillError
-from kdistill.core.fused import frozen_outputs
-from kdistill.strategies.offline import Offline
+from kdistill.toolkit import LossStep, StepOptions, frozen_outputs
 
 
-class EMASelf(Offline):
+class EMASelf(kdistill.Strategy):
     """The student learns from a moving average of its own weights, updated after every optimizer step;
     the average is a smoother, better calibrated model than any single step. The average is kept in
     checkpoints, so a resumed run continues it exactly. No external teacher runs."""
@@ -21,22 +19,23 @@ class EMASelf(Offline):
     name = "ema-self"
     needs_teacher = False
 
-    class Options(Offline.Options):
+    class Options(StepOptions):
         decay: float = Field(0.99, gt=0, lt=1, description="weight of the old average at each update")
 
     def setup(self, context):
         if any(isinstance(loss, kdistill.FeatureLoss) for _, _, loss in context.losses):
-            raise KdistillError("losses: ema-self takes logit losses only")
+            raise kdistill.KdistillError("losses: ema-self takes logit losses only")
         super().setup(context)
         self.ema = copy.deepcopy(context.student)
         self.ema.requires_grad_(False)
         self.ema.eval()
+        self.step = LossStep(context, self.options, self.teacher_outputs)
 
     def trainable(self):
-        return {**super().trainable(), "ema": self.ema}
+        return {"student": self.context.student, **self.step.modules(), "ema": self.ema}
 
-    def has_teacher(self) -> bool:
-        return True
+    def loss(self, batch):
+        return self.step(batch)
 
     def teacher_outputs(self, batch, needs):
         return frozen_outputs(self.ema, batch.input_ids, batch.attention_mask, needs)

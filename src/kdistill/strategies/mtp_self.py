@@ -7,8 +7,8 @@ from pydantic import Field
 from torch import nn
 
 import kdistill
-from kdistill.core.errors import KdistillError
-from kdistill.strategies.offline import Offline
+from kdistill import KdistillError
+from kdistill.toolkit import LossStep, StepOptions
 
 
 class MTPHeads(nn.Module):
@@ -36,7 +36,7 @@ class MTPHeads(nn.Module):
         return states
 
 
-class MTPSelf(Offline):
+class MTPSelf(kdistill.Strategy):
     """The recipe's losses on the main next-token head (as `offline`, with or without a teacher), plus
     auxiliary heads predicting the tokens 2, 3, ... ahead: each trained on the hard label and distilled
     from the main head's prediction for the same token (detached), at the main head's later position."""
@@ -44,7 +44,7 @@ class MTPSelf(Offline):
     name = "mtp-self"
     needs_teacher = False
 
-    class Options(Offline.Options):
+    class Options(StepOptions):
         n_future: int = Field(2, ge=1, description="auxiliary heads (predicting 2 .. n_future + 1 tokens ahead)")
         aux_weight: float = Field(0.3, ge=0, description="weight of the auxiliary heads' cross-entropy")
         distill_weight: float = Field(0.1, ge=0, description="weight of distilling the main head into the auxiliary heads")
@@ -52,7 +52,8 @@ class MTPSelf(Offline):
 
     def setup(self, context):
         super().setup(context)
-        if not self.use_fused:
+        self.step = LossStep(context, self.options)
+        if not self.step.use_fused:
             raise KdistillError("strategy: mtp-self needs a student whose logits are a plain output projection "
                                 "(and strategy.options.fused true)")
         config = context.student.config
@@ -60,11 +61,11 @@ class MTPSelf(Offline):
         self.heads = MTPHeads(config.hidden_size, config.num_attention_heads, self.options.n_future).to(param.device, param.dtype)
 
     def trainable(self):
-        return {**super().trainable(), "mtp": self.heads}
+        return {"student": self.context.student, **self.step.modules(), "mtp": self.heads}
 
     def loss(self, batch):
-        total, terms = super().loss(batch)
-        hidden, weight = self.last_student.final_hidden, self.last_student.output_weight
+        total, terms = self.step(batch)
+        hidden, weight = self.step.last_student.final_hidden, self.step.last_student.output_weight
         aux_ce, aux_kl = self.auxiliary(hidden, weight, batch.labels)
         o = self.options
         terms.update({"mtp_ce": aux_ce.detach(), "mtp_distill": aux_kl.detach()})

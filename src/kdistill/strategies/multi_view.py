@@ -9,9 +9,8 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill.core.errors import KdistillError
-from kdistill.core.fused import frozen_outputs
-from kdistill.strategies.offline import Offline
+from kdistill import KdistillError
+from kdistill.toolkit import LossStep, StepOptions, frozen_outputs
 
 
 def augment(ids: torch.Tensor, view: str, rate: float, span: int, window: int, mask_token: int, seed: int) -> torch.Tensor:
@@ -43,7 +42,7 @@ def augment(ids: torch.Tensor, view: str, rate: float, span: int, window: int, m
     return out.to(ids.device)
 
 
-class MultiView(Offline):
+class MultiView(kdistill.Strategy):
     """The teacher, by default the model itself without gradients, predicts from an augmented view of
     the input (masked tokens, masked spans or locally shuffled tokens); the student, from the original,
     learns to match it. Targets stay aligned: only the teacher's input changes."""
@@ -51,7 +50,7 @@ class MultiView(Offline):
     name = "multi-view"
     needs_teacher = False
 
-    class Options(Offline.Options):
+    class Options(StepOptions):
         view: Literal["mask", "span", "shuffle"] = Field("mask", description="how the teacher's view is made")
         rate: float = Field(0.15, gt=0, lt=1, description="share of tokens masked (mask, span)")
         span: int = Field(4, ge=1, description="span length (span)")
@@ -72,9 +71,13 @@ class MultiView(Offline):
         self.mask_token = next(t for t in (o.mask_token, config.pad_token_id, config.eos_token_id, 0) if t is not None)
         if isinstance(self.mask_token, list):
             self.mask_token = self.mask_token[0]
+        self.step = LossStep(context, self.options, self.teacher_outputs)
 
-    def has_teacher(self) -> bool:
-        return True
+    def trainable(self):
+        return {"student": self.context.student, **self.step.modules()}
+
+    def loss(self, batch):
+        return self.step(batch)
 
     def view(self, ids: torch.Tensor) -> torch.Tensor:
         o = self.options

@@ -6,8 +6,8 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill.core.errors import KdistillError
-from kdistill.core.models import student_from_teacher
+from kdistill import KdistillError
+from kdistill.toolkit import student_from_teacher
 
 
 class Mutual(kdistill.Strategy):

@@ -6,8 +6,8 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill.core.errors import KdistillError
-from kdistill.strategies.offline import Offline
+from kdistill import KdistillError
+from kdistill.toolkit import weighted_losses
 
 
 class Online(kdistill.Strategy):
@@ -48,7 +48,7 @@ class Online(kdistill.Strategy):
         teacher_ce = torch.nn.functional.cross_entropy(teacher_logits[mask].float(), batch.labels[mask], reduction="sum")
         student = kdistill.ModelOutputs(logits=ctx.student(**kwargs).logits)
         teacher = kdistill.ModelOutputs(logits=teacher_logits.detach())  # no gradient from the student's loss
-        total, terms = Offline._weighted(student, teacher, batch, ctx.losses)
+        total, terms = weighted_losses(student, teacher, batch, ctx.losses)
         terms["teacher_ce"] = teacher_ce.detach()
         return total + self.options.teacher_weight * teacher_ce, terms
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import kdistill
-from kdistill.core.errors import KdistillError
+from kdistill import KdistillError
 from kdistill.plugins.losses.common import kl_rows, upcast
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import kdistill
-from kdistill.core.components import SparseTargets
+from kdistill import SparseTargets
 from kdistill.plugins.losses.common import LOG_FLOOR, Divergence, kl_rows, log_normalizer, vocab_blocks
 
 

@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import nn
 
 import kdistill
-from kdistill.core.components import check_pairs
+from kdistill.toolkit import check_pairs
 
 
 class LayerMixer(nn.Module):

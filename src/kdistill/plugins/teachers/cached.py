@@ -1,16 +1,21 @@
-"""A teacher served from an offline top-k cache (written by `kdistill cache-teacher`)."""
+"""A teacher served from an offline top-k cache, and `kdistill cache-teacher`, which writes it.
+
+The store itself (file layout, writer, memory-mapped reader) is `cache_store`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, List
 
 import torch
 from pydantic import Field
 
 import kdistill
-from kdistill.core.errors import ConfigError
-from kdistill.core.paths import resolve_path
+from kdistill import ConfigError, resolve_path
+from kdistill.plugins.teachers.cache_store import TeacherCache, vocab_digest, write_cache
 from kdistill.plugins.teachers.hf import HFTeacher
+from kdistill.toolkit import SET_HELP, fail, load_tokenizer, pick_device, plan_recipe, seed_everything
 
 
 def source_identity(options: HFTeacher.Options) -> dict:
@@ -40,9 +45,6 @@ class CachedTeacher(kdistill.TeacherProvider):
                                   "student and teacher metrics); it never runs in a training step")
 
     def load(self, device: torch.device) -> None:
-        from kdistill.cache import TeacherCache
-        from kdistill.core.models import load_tokenizer
-
         self.cache = TeacherCache(resolve_path(self.options.path, "teacher.options.path"))
         self.tokenizer = load_tokenizer(str(self.cache.folder / "tokenizer"), "teacher.options.path")
         self.device = device
@@ -55,8 +57,6 @@ class CachedTeacher(kdistill.TeacherProvider):
             self.model = live.model
 
     def prepare(self, data, tokenizer, losses) -> None:
-        from kdistill.cache import vocab_digest
-
         for name, _, loss in losses:
             if isinstance(loss, kdistill.FeatureLoss):
                 raise ConfigError(f"losses: '{name}' needs the teacher's hidden states or attention; a cached teacher "
@@ -90,6 +90,45 @@ def cache_folder(options: CachedTeacher.Options) -> Path:
     return resolve_path(options.path, "teacher.options.path")
 
 
+def cache_from_plan(plan, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """`kdistill cache-teacher`: the recipe's `cached` teacher names its live `source`; run that once."""
+    resolved = plan.one("teacher")
+    if resolved is None or not issubclass(resolved.entry.cls, CachedTeacher) or resolved.options.source is None:
+        raise ConfigError("teacher: cache-teacher needs a teacher {name: cached, options: {path: ..., source: {model: ...}}} "
+                          "(source: the live teacher to compute the cache from)")
+    options, train = resolved.options, plan.recipe.train
+    seed_everything(train.seed)
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    device = pick_device(train.device)
+    live = HFTeacher(options.source)
+    live.load(device)
+    data = plan.one("data").build()
+    data.setup(live.tokenizer, train.seed)
+    return write_cache(live, data, cache_folder(options), k=options.k, temperature=options.temperature,
+                       shard_sequences=options.shard_sequences, batch_size=train.eval_batch_size or train.batch_size,
+                       device=device, teacher_identity=source_identity(options.source), overwrite=overwrite,
+                       progress=progress)
+
+
 @kdistill.hookimpl
 def kd_register_teachers():
     return [CachedTeacher]
+
+
+@kdistill.hookimpl
+def kd_register_commands(app):
+    import typer
+
+    @app.command("cache-teacher")
+    def cache_teacher(recipe: Path = typer.Argument(..., help="recipe YAML whose teacher is {name: cached, options: {path, source}}"),
+                      set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                      overwrite: bool = typer.Option(False, "--overwrite", help="replace a cache of something else at the path")) -> None:
+        """Run the teacher once over the training data; write its top-k log-probabilities (resumable)."""
+        try:
+            manifest = cache_from_plan(plan_recipe(recipe, set_), overwrite=overwrite)
+        except kdistill.KdistillError as exc:
+            fail(exc)
+        print(f"teacher cache: {manifest['n_sequences']} sequences, {manifest['tokens']} tokens, k={manifest['k']}, "
+              f"T={manifest['temperature']}: {manifest['shard_bytes'] / 2**20:.1f} MiB, {manifest['bytes_per_token']:.1f} bytes "
+              f"per token, largest log-probability error {manifest['max_abs_logprob_error']:.4f}")

@@ -8,9 +8,9 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill.core.capture import capture
-from kdistill.core.fused import frozen_outputs
-from kdistill.core.models import load_causal_lm, load_tokenizer
+from kdistill.toolkit import capture
+from kdistill.toolkit import frozen_outputs
+from kdistill.toolkit import load_causal_lm, load_tokenizer
 
 
 class HFTeacher(kdistill.TeacherProvider):

@@ -1,4 +1,4 @@
-"""An offline cache of a teacher's top-k log-probabilities, so training needs no teacher forward.
+"""The store of the `cached` teacher: a teacher's top-k log-probabilities on disk (writer and reader).
 
 Layout of a cache folder:
 
@@ -40,8 +40,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kdistill.core.components import SparseTargets
-from kdistill.core.errors import ConfigError
+from kdistill import SparseTargets
+from kdistill import ConfigError
 
 FORMAT = "kdistill-teacher-cache/1"
 MANIFEST = "manifest.json"
@@ -123,7 +123,7 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
 
     Resumes an interrupted write (same manifest identity) at the first missing shard.
     """
-    from kdistill.core.components import Needs
+    from kdistill import Needs
 
     keys = data.train_keys()
     tokenizer = teacher.tokenizer
@@ -281,28 +281,3 @@ class TeacherCache:
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._where)
-
-
-def cache_from_plan(plan, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """`kdistill cache-teacher`: the recipe's `cached` teacher names its live `source`; run that once."""
-    from kdistill.core.runtime import pick_device, seed_everything
-    from kdistill.plugins.teachers.cached import CachedTeacher, cache_folder, source_identity
-    from kdistill.plugins.teachers.hf import HFTeacher
-
-    resolved = plan.one("teacher")
-    if resolved is None or not issubclass(resolved.entry.cls, CachedTeacher) or resolved.options.source is None:
-        raise ConfigError("teacher: cache-teacher needs a teacher {name: cached, options: {path: ..., source: {model: ...}}} "
-                          "(source: the live teacher to compute the cache from)")
-    options, train = resolved.options, plan.recipe.train
-    seed_everything(train.seed)
-    if train.num_threads:
-        torch.set_num_threads(train.num_threads)
-    device = pick_device(train.device)
-    live = HFTeacher(options.source)
-    live.load(device)
-    data = plan.one("data").build()
-    data.setup(live.tokenizer, train.seed)
-    return write_cache(live, data, cache_folder(options), k=options.k, temperature=options.temperature,
-                       shard_sequences=options.shard_sequences, batch_size=train.eval_batch_size or train.batch_size,
-                       device=device, teacher_identity=source_identity(options.source), overwrite=overwrite,
-                       progress=progress)

@@ -1,0 +1,152 @@
+"""What a teacher says, before any training: `kdistill analyze` (its next-token distribution and
+entropy) and `kdistill teacher-check` (a quantized `hf` teacher beside its full-precision self)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+import kdistill
+from kdistill import ConfigError
+from kdistill.evaluators.agreement import agreement_sums
+from kdistill.plugins.teachers.hf import HFTeacher
+from kdistill.toolkit import SET_HELP, fail, histogram, plan_recipe, track_side_run
+
+
+def teacher_report(plan, text: str, top_k: int = 10, max_batches: int | None = None):
+    """The teacher's top-k next tokens after `text`, its entropy there, and the per-position
+    entropies (nats) over the recipe's validation split. Returns (rows, entropy, entropies)."""
+    resolved = plan.one("teacher")
+    if resolved is None:
+        raise kdistill.KdistillError("teacher: the recipe has no teacher to analyse")
+    teacher = resolved.build()
+    teacher.load(torch.device("cpu"))
+    model, tok = teacher.model, teacher.tokenizer
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise kdistill.KdistillError("--text: gives no tokens")
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, -1].double()
+    probs = torch.softmax(logits, -1)
+    top = probs.topk(top_k)
+    rows = [(i + 1, tok.decode([int(t)]), float(p)) for i, (p, t) in enumerate(zip(top.values, top.indices))]
+    here = float(-(probs * probs.clamp(min=1e-300).log()).sum())
+    data = plan.one("data").build()
+    data.setup(tok, plan.recipe.train.seed)
+    entropies: list[float] = []
+    with torch.no_grad():
+        for n, batch in enumerate(data.val_batches(plan.recipe.train.eval_batch_size or plan.recipe.train.batch_size)):
+            if max_batches is not None and n >= max_batches:
+                break
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[batch.mask].double()
+            logp = torch.log_softmax(out, -1)
+            entropies += (-(logp.exp() * logp).sum(-1)).tolist()
+    return rows, here, entropies
+
+
+def teacher_check(plan, max_batches: int | None = None) -> dict[str, float]:
+    """A quantized `hf` teacher beside its full-precision self on the validation split: perplexity of
+    each, KL(full || quantized) and top-1 agreement per position, and the weights' memory."""
+    resolved = plan.one("teacher")
+    if resolved is None or not issubclass(resolved.entry.cls, HFTeacher):
+        raise ConfigError("teacher: teacher-check compares an `hf` teacher loaded quantized with its full-precision self")
+    if resolved.options.quantization == "none":
+        raise ConfigError("teacher.options.quantization: the recipe's teacher is not quantized (set nf4, fp4 or int8); "
+                          "nothing to compare")
+    if plan.recipe.train.num_threads:
+        torch.set_num_threads(plan.recipe.train.num_threads)
+    device = torch.device("cpu")
+    full = HFTeacher(resolved.options.model_copy(update={"quantization": "none"}))
+    full.load(device)
+    quant = resolved.build()
+    quant.load(device)
+    data = plan.one("data").build()
+    data.setup(full.tokenizer, plan.recipe.train.seed)
+    sums = {"nll_full": 0.0, "nll_quant": 0.0, "kl": 0.0, "agree": 0.0}
+    count = 0
+    with torch.no_grad():
+        for n, batch in enumerate(data.val_batches(plan.recipe.train.eval_batch_size or plan.recipe.train.batch_size)):
+            if max_batches is not None and n >= max_batches:
+                break
+            kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+            mask = batch.mask
+            a, b = full.model(**kwargs).logits[mask].double(), quant.model(**kwargs).logits[mask].double()
+            labels = batch.labels[mask]
+            sums["nll_full"] += float(torch.nn.functional.cross_entropy(a, labels, reduction="sum"))
+            sums["nll_quant"] += float(torch.nn.functional.cross_entropy(b, labels, reduction="sum"))
+            agreement = agreement_sums(b, a, k=1, temperature=1.0)  # KL(full || quantized), top-1 match
+            sums["kl"] += agreement["kl"]
+            sums["agree"] += agreement["top1"]
+            count += int(mask.sum())
+    if count == 0:
+        raise ConfigError("data: the validation split is empty; teacher-check needs validation data")
+    return {"positions": count, "full_ppl": math.exp(sums["nll_full"] / count), "quant_ppl": math.exp(sums["nll_quant"] / count),
+            "kl_full_quant": sums["kl"] / count, "top1_agreement": sums["agree"] / count,
+            "full_mib": full.model.get_memory_footprint() / 2**20, "quant_mib": quant.model.get_memory_footprint() / 2**20,
+            "quantization": resolved.options.quantization}
+
+
+@kdistill.hookimpl
+def kd_register_commands(app):
+    import typer
+
+    @app.command()
+    def analyze(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a shipped recipe"),
+                text: str = typer.Option(..., help="a prompt; the teacher's next-token distribution after it is shown"),
+                top_k: int = typer.Option(10, min=1, help="how many of the most likely tokens to list"),
+                set_: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+        """What the teacher says: its top-k next tokens and entropy, and its entropy over the validation split."""
+        try:
+            plan = plan_recipe(recipe, set_)
+            rows, here, entropies = teacher_report(plan, text, top_k)
+        except kdistill.KdistillError as exc:
+            fail(exc)
+        print(f"teacher's next token after {text!r}:")
+        for rank, token, prob in rows:
+            print(f"  {rank:2d}. {token!r:20s} {prob:.4f}")
+        print(f"entropy here: {here:.4f} nats ({here / math.log(2):.4f} bits)")
+        if entropies:
+            q = statistics.quantiles(entropies, n=10)
+            print(f"over {len(entropies)} validation positions: mean {statistics.fmean(entropies):.3f} nats, "
+                  f"median {statistics.median(entropies):.3f}, 10th-90th percentile {q[0]:.3f}-{q[-1]:.3f}")
+            folder = Path(plan.recipe.output_dir) / "analysis"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = histogram(entropies, "teacher entropy (nats)", "teacher entropy per validation position",
+                             folder / "teacher_entropy.png")
+            report = folder / "teacher_report.json"
+            summary = {"entropy_mean": statistics.fmean(entropies), "entropy_median": statistics.median(entropies),
+                       "entropy_p10": q[0], "entropy_p90": q[-1], "positions": len(entropies)}
+            report.write_text(json.dumps({"text": text, "top_k": [{"rank": r, "token": t, "prob": p} for r, t, p in rows],
+                                          "entropy_here": here, **summary}, indent=1))
+            print(f"histogram: {path}")
+            track_side_run(plan, "analyze", {"text": text[:200], "top_k": top_k}, [summary], [path, report], folder)
+
+    @app.command("teacher-check")
+    def teacher_check_command(recipe: Path = typer.Argument(..., help="recipe YAML whose hf teacher sets quantization"),
+                              set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+                              max_batches: Optional[int] = typer.Option(None, min=1, help="validation batches to use (default: all)")) -> None:
+        """What quantizing the teacher costs: perplexity beside full precision, KL between them, memory."""
+        try:
+            plan = plan_recipe(recipe, set_)
+            report = teacher_check(plan, max_batches)
+        except kdistill.KdistillError as exc:
+            fail(exc)
+        q = report["quantization"]
+        print("| teacher | validation perplexity | weights (MiB) |")
+        print("|---|---|---|")
+        print(f"| full precision | {report['full_ppl']:.3f} | {report['full_mib']:.1f} |")
+        print(f"| {q} | {report['quant_ppl']:.3f} | {report['quant_mib']:.1f} |")
+        print(f"KL(full || {q}) per position: {report['kl_full_quant']:.5f} nats; top-1 agreement "
+              f"{report['top1_agreement']:.4f}; over {report['positions']} validation positions")
+        folder = Path(plan.recipe.output_dir) / "analysis"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "teacher_check.json"
+        path.write_text(json.dumps(report, indent=1))
+        print(f"report: {path}")
+        track_side_run(plan, "teacher-check", {"quantization": q}, [{k: v for k, v in report.items() if isinstance(v, (int, float))}],
+                       [path], folder)
