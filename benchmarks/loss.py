@@ -1,24 +1,37 @@
 """Peak memory and time of a distillation loss's forward + backward from hidden states.
 
-    python benchmarks/loss.py                      # the issue's shapes at vocabularies 32,000 and 128,256
-    python benchmarks/loss.py --vocab 32000 --reps 3
+    python benchmarks/loss.py                      # forward KL + cross-entropy at vocabularies 32,000 and 128,256
     python benchmarks/loss.py --vocab 128256 --rounds 3   # every variant 3 times, interleaved
+    python benchmarks/loss.py --objective kl       # forward KL alone (the tables before 2026-12)
+    python benchmarks/loss.py --device cuda        # on a GPU: bfloat16 inputs, CUDA events, max_memory_allocated
 
-Each variant runs in a fresh process. Memory is that process's peak resident set size while the
-loss runs minus its resident size once the inputs (hidden states, output projections) exist: what
-the loss itself adds, including the student projection's gradient that every variant must produce.
-The peak is the kernel's high-water mark (VmHWM), reset once the inputs exist (/proc/self/clear_refs),
-so that making the inputs does not count; where that reset is not available it falls back to
-ru_maxrss and says so. Time is the median over --reps runs after one warm-up. With --rounds R
-every variant's process runs R times, the variants taking turns, and a row shows the median of all
-R x reps runs and the largest peak: this machine's speed drifts by 10-20% over minutes, and taking
-turns spreads that drift over all variants instead of favouring whichever ran in a fast minute.
+The workload is what users run: forward KL(teacher || student) at temperature 1 plus cross-entropy
+on the labels, weights 0.5 and 0.5, averaged over the counted positions (`--objective kl`: forward
+KL alone). Liger's fused linear JSD with beta=0 is the same divergence, its hard loss the same
+cross-entropy (weight_hard_loss 0.5, weight_soft_loss 0.5); TRL's generalized JSD (beta=0) and
+torchtune's chunked forward KL get a plain cross-entropy added. Peers that are not installed are
+listed as such.
 
-The loss is forward KL(teacher || student) at temperature 1 (Liger's and TRL's generalized JSD
-with beta=0 is the same divergence; Liger runs its pure-torch chunked path, uncompiled, with its
-default chunk of 1024 rows and with 128 rows); peers that are not installed are listed as such.
-The floor is the four projection products alone: student and teacher logits, and the student's two
-gradient products.
+On CPU each variant runs in a fresh process. Memory is that process's peak resident set size while
+the loss runs minus its resident size once the inputs (hidden states, output projections) exist:
+what the loss itself adds, including the student projection's gradient that every variant must
+produce. The peak is the kernel's high-water mark (VmHWM), reset once the inputs exist
+(/proc/self/clear_refs); where that reset is not available it falls back to ru_maxrss and says so.
+Time is the median over --reps runs after one warm-up. With --rounds R every variant's process runs
+R times, the variants taking turns, and a row shows the median of all R x reps runs and the largest
+peak (this machine's speed drifts by 10-20% over minutes; taking turns spreads that drift).
+
+On CUDA every variant runs in this process, one after the other: memory is
+torch.cuda.max_memory_allocated (reset once the inputs exist) minus what was allocated then, time
+the median of CUDA-event timings of --reps runs after one warm-up.
+
+The floor is the four projection products alone, measured the same way: student and teacher
+logits, and the student's two gradient products.
+
+Variants: naive, kdistill (the default chunk: the memory budget's), kdistill-speed (the chunk sized
+for speed, 96 MiB of logits), kdistill-cN (N positions), kdistill-mM (a budget of M MiB),
+kdistill-compiled (the element-wise part through torch.compile), liger, liger-c128 (chunk 128),
+liger-compiled, liger-compiled-c128, torchtune, trl, floor.
 """
 
 from __future__ import annotations
@@ -34,7 +47,23 @@ import time
 
 B, S, DS, DT = 2, 512, 512, 1024
 TEMPERATURE = 1.0
-VARIANTS = ["naive", "kdistill", "kdistill-c256", "torchtune", "liger", "liger-c128", "trl", "floor"]
+KL_WEIGHT, CE_WEIGHT = 0.5, 0.5
+VARIANTS = ["naive", "kdistill", "kdistill-speed", "kdistill-compiled", "liger", "liger-c128", "liger-compiled",
+            "liger-compiled-c128", "torchtune", "trl", "floor"]
+
+
+class Shape:
+    """The benchmark's shapes: batch x sequence positions, student and teacher hidden sizes."""
+
+    def __init__(self, batch: int = B, seq: int = S, student_hidden: int = DS, teacher_hidden: int = DT, padding: int = 64):
+        self.batch, self.seq, self.ds, self.dt, self.padding = batch, seq, student_hidden, teacher_hidden, padding
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def as_dict(self) -> dict:
+        return {"batch": self.batch, "seq": self.seq, "student_hidden": self.ds, "teacher_hidden": self.dt, "padding": self.padding}
 
 
 def rss_bytes() -> int:
@@ -64,68 +93,103 @@ def read_peak() -> int | None:
     return None
 
 
-def make_inputs(vocab: int):
+def make_inputs(vocab: int, shape: Shape, device: str = "cpu", dtype: str = "float32"):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    # scaled in place: a scaled copy would be a transient as large as the weight, before the peak is reset
-    hs = torch.randn(B * S, DS, generator=g).mul_(0.5)
-    ws = torch.randn(vocab, DS, generator=g).mul_(DS ** -0.5).requires_grad_(True)
-    ht = torch.randn(B * S, DT, generator=g).mul_(0.5)
-    wt = torch.randn(vocab, DT, generator=g).mul_(DT ** -0.5)
-    labels = torch.randint(0, vocab, (B * S,), generator=g)
-    labels[-64:] = -100  # some padding, as in real batches
-    return hs, ws, ht, wt, labels
+    dt = getattr(torch, dtype)
+    n = shape.tokens
+
+    def randn(*size, scale):
+        # made on CPU (the same numbers on every device), scaled in place: a scaled copy would be a
+        # transient as large as the weight, before the peak is reset
+        return torch.randn(*size, generator=g).mul_(scale).to(device=device, dtype=dt)
+
+    hs = randn(n, shape.ds, scale=0.5)
+    ws = randn(vocab, shape.ds, scale=shape.ds ** -0.5).requires_grad_(True)
+    ht = randn(n, shape.dt, scale=0.5)
+    wt = randn(vocab, shape.dt, scale=shape.dt ** -0.5)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    if shape.padding:
+        labels[-shape.padding:] = -100  # some padding, as in real batches
+    return hs, ws, ht, wt, labels.to(device)
 
 
-def build(variant: str, vocab: int):
+def build(variant: str, vocab: int, shape: Shape | None = None, device: str = "cpu", dtype: str = "float32",
+          objective: str = "kl+ce"):
     """A callable running forward + backward once, or raise ImportError."""
     import torch
     import torch.nn.functional as F
 
-    hs, ws, ht, wt, labels = make_inputs(vocab)
+    shape = shape or Shape()
+    with_ce = objective == "kl+ce"
+    kl_w, ce_w = (KL_WEIGHT, CE_WEIGHT) if with_ce else (1.0, 0.0)
+    hs, ws, ht, wt, labels = make_inputs(vocab, shape, device, dtype)
     hs.requires_grad_(True)
     mask = labels != -100
+    counted = int(mask.sum())
+    nb, ns = shape.batch, shape.seq
 
-    if variant == "naive":  # the design document's DistillationLoss.kl_divergence_loss
+    if variant == "naive":  # the design document's DistillationLoss, plus cross-entropy; loss math in float32
         def step():
-            student_logits = hs @ ws.T
+            student_logits = (hs @ ws.T).float()
             with torch.no_grad():
-                teacher_logits = ht @ wt.T
-            student_probs = F.log_softmax(student_logits / TEMPERATURE, dim=-1)
-            teacher_probs = F.softmax(teacher_logits / TEMPERATURE, dim=-1)
-            loss = F.kl_div(student_probs, teacher_probs, reduction="batchmean") * TEMPERATURE ** 2
+                teacher_logits = (ht @ wt.T).float()
+            s, t = student_logits[mask], teacher_logits[mask]
+            student_probs = F.log_softmax(s / TEMPERATURE, dim=-1)
+            teacher_probs = F.softmax(t / TEMPERATURE, dim=-1)
+            loss = kl_w * F.kl_div(student_probs, teacher_probs, reduction="batchmean") * TEMPERATURE ** 2
+            if with_ce:
+                loss = loss + ce_w * F.cross_entropy(s, labels[mask])
             loss.backward()
-    elif variant.startswith("kdistill"):  # "kdistill": its default chunk (96 MiB of logits); "kdistill-cN": N rows
+    elif variant.startswith("kdistill"):
+        # "kdistill": the default (memory budget); "-speed": 96 MiB of logits per chunk; "-cN": N rows;
+        # "-mM": a budget of M MiB; "-compiled": torch.compile of the element-wise part
         import kdistill
-        from kdistill.core.fused import TeacherRows, fused_logit_loss
+        from kdistill.core.fused import TeacherRows, default_chunk, fused_logit_loss
+        from kdistill.plugins.losses.cross_entropy import CrossEntropy
         from kdistill.plugins.losses.forward_kl import ForwardKL
 
-        loss_fn = ForwardKL(ForwardKL.Options(temperature=TEMPERATURE))
-        teacher = TeacherRows(kdistill.ModelOutputs(final_hidden=ht, output_weight=wt), torch.ones(B * S, dtype=torch.bool))
+        losses = [("forward-kl", kl_w, ForwardKL(ForwardKL.Options(temperature=TEMPERATURE)))]
+        if with_ce:
+            losses.append(("cross-entropy", ce_w, CrossEntropy(CrossEntropy.Options())))
+        options: dict = {}
+        for part in variant.split("-")[1:]:
+            if part == "speed":
+                options["chunk"] = default_chunk(vocab)
+            elif part == "compiled":
+                options["compile"] = True
+            elif part.startswith("c") and part[1:].isdigit():
+                options["chunk"] = int(part[1:])
+            elif part.startswith("m") and part[1:].replace(".", "", 1).isdigit():
+                options["memory_budget_mib"] = float(part[1:])
+            else:
+                raise ValueError(f"variant: unknown kdistill option '{part}' in '{variant}'")
 
         def step():
-            rows = teacher if mask.all() else TeacherRows(kdistill.ModelOutputs(final_hidden=ht[mask], output_weight=wt),
-                                                          torch.ones(int(mask.sum()), dtype=torch.bool))
-            total, _ = fused_logit_loss(hs[mask], ws, rows, labels[mask], [("forward-kl", 1.0, loss_fn)],
-                                        chunk=int(variant.split("-c")[1]) if "-c" in variant else None)
-            (total / mask.sum()).backward()
+            rows = TeacherRows(kdistill.ModelOutputs(final_hidden=ht[mask], output_weight=wt), torch.ones(counted, dtype=torch.bool, device=device))
+            total, _ = fused_logit_loss(hs[mask], ws, rows, labels[mask], losses, **options)
+            (total / counted).backward()
     elif variant == "torchtune":
         from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
 
         loss_fn = ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
 
         def step():
-            student_chunks = [h @ ws.T for h in hs.view(B, S, DS).chunk(8, dim=1)]
+            student_chunks = [h @ ws.T for h in hs.view(nb, ns, shape.ds).chunk(8, dim=1)]
             with torch.no_grad():
-                teacher_chunks = [h @ wt.T for h in ht.view(B, S, DT).chunk(8, dim=1)]
-            loss_fn(student_chunks, teacher_chunks, labels.view(B, S)).backward()
-    elif variant.startswith("liger"):  # "liger": its default chunk of 1024 rows; "liger-c128": 128 rows
+                teacher_chunks = [h @ wt.T for h in ht.view(nb, ns, shape.dt).chunk(8, dim=1)]
+            loss = kl_w * loss_fn(student_chunks, teacher_chunks, labels.view(nb, ns))
+            if with_ce:
+                loss = loss + ce_w * sum(F.cross_entropy(c.float().reshape(-1, vocab), l.reshape(-1), reduction="sum")
+                                         for c, l in zip(student_chunks, labels.view(nb, ns).chunk(8, dim=1))) / counted
+            loss.backward()
+    elif variant.startswith("liger"):  # default chunk of 1024 rows, or "-c128"; "-compiled": its torch.compile path
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        chunk = {"chunk_size": 128} if variant == "liger-c128" else {}
-        loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=TEMPERATURE,
-                                          compiled=False, **chunk)
+        chunk = {"chunk_size": 128} if variant.endswith("-c128") else {}
+        loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=ce_w, weight_soft_loss=kl_w, beta=0.0, temperature=TEMPERATURE,
+                                          compiled="compiled" in variant, **chunk)
 
         def step():
             loss_fn(hs, ws, ht, wt, labels).backward()
@@ -133,13 +197,16 @@ def build(variant: str, vocab: int):
         from trl.experimental.gkd import GKDTrainer
 
         def step():
-            student_logits = (hs @ ws.T)[mask]
+            student_logits = (hs @ ws.T)[mask].float()
             with torch.no_grad():
-                teacher_logits = (ht @ wt.T)[mask]
-            GKDTrainer.generalized_jsd_loss(student_logits[None], teacher_logits[None], beta=0.0, temperature=TEMPERATURE,
-                                            reduction="batchmean").backward()
+                teacher_logits = (ht @ wt.T)[mask].float()
+            loss = kl_w * GKDTrainer.generalized_jsd_loss(student_logits[None], teacher_logits[None], beta=0.0,
+                                                          temperature=TEMPERATURE, reduction="batchmean") / counted
+            if with_ce:
+                loss = loss + ce_w * F.cross_entropy(student_logits, labels[mask])
+            loss.backward()
     elif variant == "floor":
-        grad = torch.randn(B * S, vocab).mul_(1e-3)
+        grad = torch.randn(shape.tokens, vocab, generator=torch.Generator().manual_seed(1)).mul_(1e-3).to(device=device, dtype=hs.dtype)
 
         def step():
             with torch.no_grad():
@@ -148,7 +215,7 @@ def build(variant: str, vocab: int):
                 grad @ ws
                 grad.T @ hs
     else:
-        raise ValueError(variant)
+        raise ValueError(f"variant: unknown variant '{variant}'")
 
     def run():
         step()
@@ -157,12 +224,13 @@ def build(variant: str, vocab: int):
     return run
 
 
-def child(variant: str, vocab: int, reps: int) -> dict:
+def child(variant: str, vocab: int, reps: int, shape: Shape | None = None, objective: str = "kl+ce") -> dict:
+    """One variant on CPU in this (fresh) process: resident-memory peak and wall-clock times."""
     import torch
 
     torch.manual_seed(0)
     try:
-        run = build(variant, vocab)
+        run = build(variant, vocab, shape, "cpu", "float32", objective)
     except ImportError as exc:
         return {"variant": variant, "vocab": vocab, "error": f"not installed ({exc.name or exc})"}
     base = rss_bytes()
@@ -174,43 +242,92 @@ def child(variant: str, vocab: int, reps: int) -> dict:
         run()
         times.append(time.perf_counter() - start)
     peak = read_peak() if high_water_mark else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "vocab": vocab, "time_s": statistics.median(times), "times_s": times,
-            "peak_extra_mib": (peak - base) / 2**20,
+    return {"variant": variant, "vocab": vocab, "device": "cpu", "dtype": "float32", "time_s": statistics.median(times),
+            "times_s": times, "peak_extra_mib": (peak - base) / 2**20,
             "peak_rss_mib": peak / 2**20, "peak_source": "VmHWM" if high_water_mark else "ru_maxrss",
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, action="append", help="vocabulary sizes (default 32000 and 128256)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, variants taking turns")
-    parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.reps)))
-        return
+def measure_cuda(variant: str, vocab: int, reps: int, shape: Shape | None = None, dtype: str = "bfloat16",
+                 objective: str = "kl+ce", device: str = "cuda") -> dict:
+    """One variant on a GPU, in this process: max_memory_allocated above the inputs, CUDA-event times."""
+    import gc
+
+    import torch
+
+    torch.manual_seed(0)
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        run = build(variant, vocab, shape, device, dtype, objective)
+    except ImportError as exc:
+        return {"variant": variant, "vocab": vocab, "error": f"not installed ({exc.name or exc})"}
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        run()  # warm-up (and compilation), counted in the peak
+        times = []
+        for _ in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1000.0)
+        peak = torch.cuda.max_memory_allocated(device)
+    except torch.cuda.OutOfMemoryError as exc:
+        return {"variant": variant, "vocab": vocab, "error": f"out of memory ({str(exc).splitlines()[0][:120]})"}
+    finally:
+        del run
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {"variant": variant, "vocab": vocab, "device": torch.cuda.get_device_name(device), "dtype": dtype,
+            "time_s": statistics.median(times), "times_s": times, "peak_extra_mib": (peak - base) / 2**20,
+            "peak_source": "cuda.max_memory_allocated", "torch": torch.__version__}
+
+
+def run_cpu_variants(vocabs, variants, reps, rounds, shape: Shape | None = None, objective: str = "kl+ce",
+                     python: str | None = None, timeout: float | None = None, log=None) -> list[dict]:
+    """Every variant at every vocabulary, each run in a fresh process, `rounds` times taking turns."""
+    shape = shape or Shape()
     rows = []
-    for vocab in args.vocab or [32000, 128256]:
-        runs: dict[str, list[dict]] = {variant: [] for variant in args.variants.split(",")}
-        for round_ in range(args.rounds):
+    for vocab in vocabs:
+        runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+        for round_ in range(rounds):
             for variant, results in runs.items():
                 if results and "error" in results[0]:
                     continue
-                out = subprocess.run([sys.executable, __file__, "--child", variant, str(vocab), "--reps", str(args.reps)],
-                                     capture_output=True, text=True)
+                command = [python or sys.executable, os.path.abspath(__file__), "--child", variant, str(vocab),
+                           "--reps", str(reps), "--objective", objective, "--shape",
+                           f"{shape.batch},{shape.seq},{shape.ds},{shape.dt},{shape.padding}"]
+                try:
+                    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    results.append({"variant": variant, "vocab": vocab, "error": f"timed out after {timeout} s"})
+                    continue
                 if out.returncode != 0:
                     results.append({"variant": variant, "vocab": vocab, "error": f"failed: {out.stderr.strip().splitlines()[-1:]}"})
                 else:
                     results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"  measured {variant} at V={vocab} (round {round_ + 1} of {args.rounds})", file=sys.stderr, flush=True)
+                if log:
+                    log(f"  measured {variant} at V={vocab} (round {round_ + 1} of {rounds})")
         rows.extend(combine(results) for results in runs.values())
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
+    return rows
+
+
+def run_cuda_variants(vocabs, variants, reps, shape: Shape | None = None, dtype: str = "bfloat16",
+                      objective: str = "kl+ce", log=None) -> list[dict]:
+    rows = []
+    for vocab in vocabs:
+        for variant in variants:
+            try:
+                rows.append(measure_cuda(variant, vocab, reps, shape, dtype, objective))
+            except Exception as exc:  # one variant failing does not hide the others
+                rows.append({"variant": variant, "vocab": vocab, "error": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"})
+            if log:
+                log(f"  measured {variant} at V={vocab}")
+    return rows
 
 
 def combine(results: list[dict]) -> dict:
@@ -224,29 +341,85 @@ def combine(results: list[dict]) -> dict:
     return row
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"forward + backward of forward KL from hidden states: batch {B} x seq {S}, student hidden {DS}, "
-          f"teacher hidden {DT}, float32, T={TEMPERATURE}")
-    header = f"| {'vocab':>7} | {'variant':<13} | {'time s':>7} | {'x naive':>7} | {'x floor':>7} | {'peak MiB':>9} | {'x naive':>7} |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for vocab in sorted({r["vocab"] for r in rows}):
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """x naive (time and memory) and x floor (time) on every measured row, from its vocabulary's naive and floor rows."""
+    for vocab in {r["vocab"] for r in rows}:
         group = {r["variant"]: r for r in rows if r["vocab"] == vocab}
         naive, floor = group.get("naive", {}), group.get("floor", {})
-        for variant, r in group.items():
-            if "error" in r:
-                print(f"| {vocab:>7} | {variant:<13} | {r['error']}")
+        for r in group.values():
+            if "time_s" not in r:
                 continue
-            tn = r["time_s"] / naive["time_s"] if "time_s" in naive else float("nan")
-            tf = r["time_s"] / floor["time_s"] if "time_s" in floor else float("nan")
-            mn = r["peak_extra_mib"] / naive["peak_extra_mib"] if "peak_extra_mib" in naive else float("nan")
-            print(f"| {vocab:>7} | {variant:<13} | {r['time_s']:7.3f} | {tn:7.2f} | {tf:7.2f} | {r['peak_extra_mib']:9.0f} | {mn:7.3f} |")
+            if "time_s" in naive:
+                r["time_x_naive"] = r["time_s"] / naive["time_s"]
+                r["memory_x_naive"] = r["peak_extra_mib"] / naive["peak_extra_mib"] if naive["peak_extra_mib"] > 0 else None
+            if "time_s" in floor:
+                r["time_x_floor"] = r["time_s"] / floor["time_s"]
+    return rows
+
+
+def format_table(rows: list[dict], objective: str = "kl+ce", shape: Shape | None = None) -> str:
+    shape = shape or Shape()
+    add_ratios(rows)
+    what = "forward KL + cross-entropy (0.5 each)" if objective == "kl+ce" else "forward KL"
+    dtypes = sorted({r.get("dtype", "?") for r in rows if "dtype" in r}) or ["float32"]
+    lines = [f"forward + backward of {what} from hidden states: batch {shape.batch} x seq {shape.seq} "
+             f"({shape.padding} padded), student hidden {shape.ds}, teacher hidden {shape.dt}, {'/'.join(dtypes)}, T={TEMPERATURE}"]
+    header = f"| {'vocab':>7} | {'variant':<20} | {'time s':>8} | {'x naive':>7} | {'x floor':>7} | {'peak MiB':>9} | {'x naive':>7} |"
+    lines += [header, "|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|"]
+    for vocab in sorted({r["vocab"] for r in rows}):
+        for r in (r for r in rows if r["vocab"] == vocab):
+            if "error" in r:
+                lines.append(f"| {vocab:>7} | {r['variant']:<20} | {r['error']}")
+                continue
+            lines.append(f"| {vocab:>7} | {r['variant']:<20} | {r['time_s']:8.4f} | {r.get('time_x_naive', float('nan')):7.2f} | "
+                         f"{r.get('time_x_floor', float('nan')):7.2f} | {r['peak_extra_mib']:9.0f} | "
+                         f"{(r.get('memory_x_naive') or float('nan')):7.3f} |")
     if any(r.get("peak_source") == "ru_maxrss" for r in rows):
-        print("note: the peak could not be reset after the inputs were made (no /proc/self/clear_refs): "
-              "peaks are ru_maxrss and include making the inputs")
+        lines.append("note: the peak could not be reset after the inputs were made (no /proc/self/clear_refs): "
+                     "peaks are ru_maxrss and include making the inputs")
     missing = sorted({r["variant"] for r in rows if "error" in r})
     if missing:
-        print(f"not measured: {', '.join(missing)} (see the rows above; peers: pip install -r benchmarks/requirements-peers.txt)")
+        lines.append(f"not measured: {', '.join(missing)} (see the rows above; peers: pip install -r benchmarks/requirements-peers.txt)")
+    return "\n".join(lines)
+
+
+def parse_shape(text: str) -> Shape:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 5 or min(parts[:4]) < 1 or parts[4] < 0 or parts[4] >= parts[0] * parts[1]:
+        raise argparse.ArgumentTypeError(f"--shape: expected batch,seq,student_hidden,teacher_hidden,padding, got '{text}'")
+    return Shape(*parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, action="append", help="vocabulary sizes (default 32000 and 128256)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--objective", choices=["kl+ce", "kl"], default="kl+ce",
+                        help="forward KL + cross-entropy (default, as users run it) or forward KL alone")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="input dtype (default float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--shape", type=parse_shape, default=Shape(),
+                        help=f"batch,seq,student_hidden,teacher_hidden,padding (default {B},{S},{DS},{DT},64)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant on CPU, variants taking turns")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "VOCAB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.reps, args.shape, args.objective)))
+        return
+    vocabs, variants = args.vocab or [32000, 128256], args.variants.split(",")
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if args.device == "cuda":
+        rows = run_cuda_variants(vocabs, variants, args.reps, args.shape, args.dtype or "bfloat16", args.objective, log)
+    else:
+        if args.dtype not in (None, "float32"):
+            parser.error("--dtype: CPU runs are float32")
+        rows = run_cpu_variants(vocabs, variants, args.reps, args.rounds, args.shape, args.objective, log=log)
+    print(format_table(rows, args.objective, args.shape))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill.core.components import SparseTargets
+from kdistill import SparseTargets
 
 # Log-probabilities below this count as this: a -inf logit then gives a large but finite loss and
 # gradient instead of inf or nan. exp(-100) is far below float32 resolution of a probability.
@@ -29,18 +29,41 @@ def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tens
 
 
 # Elements per block of the vocabulary that the analytic losses work through at a time. On CPU
-# about 1 MiB of float32, so that a block's temporaries stay in cache; on accelerators, where each
-# operation is a kernel launch and caches are small anyway, 16 MiB. Either way no temporary is as
-# large as a chunk of logits.
+# about 1 MiB of float32, so that a block's temporaries stay in cache. On CUDA as large as lets a
+# block and its three temporaries fit in the GPU's L2 cache (a power of two between 4 and 64 MiB of
+# float32; 8 MiB on a 40-50 MiB L2 such as A100, H100, H200), and never more than
+# MAX_ACCELERATOR_BLOCKS blocks per chunk: each operation there is a kernel launch of several
+# microseconds, so many small blocks would make a chunk launch-bound. Other accelerators: 16 MiB.
+# Either way no temporary is as large as a chunk of logits.
 VOCAB_BLOCK_ELEMENTS = 1 << 18
 ACCELERATOR_VOCAB_BLOCK_ELEMENTS = 1 << 22
+MAX_ACCELERATOR_BLOCKS = 8
+_CUDA_BLOCK_ELEMENTS: dict[int, int] = {}
+
+
+def vocab_block_elements(device: torch.device) -> int:
+    """Elements per vocabulary block on this device (see VOCAB_BLOCK_ELEMENTS)."""
+    if device.type == "cpu":
+        return VOCAB_BLOCK_ELEMENTS
+    if device.type != "cuda":
+        return ACCELERATOR_VOCAB_BLOCK_ELEMENTS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CUDA_BLOCK_ELEMENTS:
+        l2 = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 0
+        fit = max(1, l2 // 16)  # the block and three float32 temporaries, 4 bytes each
+        elements = 1 << (fit.bit_length() - 1)  # a power of two at most `fit`
+        _CUDA_BLOCK_ELEMENTS[index] = min(1 << 24, max(1 << 20, elements)) if l2 else ACCELERATOR_VOCAB_BLOCK_ELEMENTS
+    return _CUDA_BLOCK_ELEMENTS[index]
 
 
 def vocab_blocks(x: torch.Tensor):
-    """Slices of the last (vocabulary) dimension of `x` [rows, V], a block's worth of elements at a time."""
-    elements = VOCAB_BLOCK_ELEMENTS if x.device.type == "cpu" else ACCELERATOR_VOCAB_BLOCK_ELEMENTS
-    step = max(1, elements // max(1, x.shape[0]))
-    return [slice(start, min(x.shape[-1], start + step)) for start in range(0, x.shape[-1], step)]
+    """Slices of the last (vocabulary) dimension of `x` [rows, V], a block's worth of elements at a
+    time (at most MAX_ACCELERATOR_BLOCKS blocks off the CPU)."""
+    rows, vocab = max(1, x.shape[0]), x.shape[-1]
+    step = max(1, vocab_block_elements(x.device) // rows)
+    if x.device.type != "cpu":
+        step = max(step, -(-vocab // MAX_ACCELERATOR_BLOCKS))
+    return [slice(start, min(vocab, start + step)) for start in range(0, vocab, step)]
 
 
 def log_normalizer(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
