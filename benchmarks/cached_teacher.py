@@ -53,11 +53,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from kdistill.plugins.teachers.cached import cache_from_plan
+    from kdistill.cli import RECIPES_DIR
     from kdistill.core.config import load_recipe, resolve
     from kdistill.core.engine import run_recipe
-    from kdistill.cli import RECIPES_DIR
     from kdistill.core.registry import Registry
+    from kdistill.plugins.teachers.cached import cache_from_plan
 
     common = [f"train.steps={args.steps}", "train.save_every=0", "train.eval_every=0", "tracker={name: jsonl}"]
     cached_overrides = common + [f"teacher.options.path={work / 'cache'}", f"output_dir={work / 'cached'}"]

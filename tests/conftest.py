@@ -26,9 +26,9 @@ def make_text(n_lines: int = 400, seed: int = 0) -> str:
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """A byte-level BPE tokenizer, a 4-layer Llama teacher (safetensors) and a text file."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    import torch
 
     root = tmp_path_factory.mktemp("tiny")
     text = make_text()
@@ -112,3 +112,33 @@ def cut_after(raw: dict, resumed: Path, last: str) -> dict:
     again = json.loads(json.dumps(raw))
     again["output_dir"] = str(resumed)
     return again
+
+
+def engine_for(raw):
+    """An engine for a raw recipe mapping, with the installed plugins."""
+    from kdistill.core.config import resolve
+    from kdistill.core.engine import Engine
+    from kdistill.core.plugins import make_plugin_manager
+    from kdistill.core.registry import Registry
+
+    pm = make_plugin_manager()
+    registry = Registry.from_plugins(pm)
+    return Engine(resolve(raw, registry), pm, registry)
+
+
+def nan_at(engine, call):
+    """Make the strategy's loss NaN at its `call`-th micro-batch (counting from 1)."""
+    original = engine.build
+
+    def poisoned():
+        original()
+        step_loss = engine.strategy.loss
+        calls = {"n": 0}
+
+        def loss(batch):
+            calls["n"] += 1
+            total, terms = step_loss(batch)
+            return (total * float("nan") if calls["n"] == call else total), terms
+        engine.strategy.loss = loss
+    engine.build = poisoned
+    return engine

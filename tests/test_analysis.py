@@ -77,7 +77,7 @@ def test_cli_calculators():
 
 
 def test_agreement_evaluator_in_a_run(recipe_factory):
-    from test_engine import engine_for
+    from conftest import engine_for
 
     raw = recipe_factory(steps=2)
     raw["evaluators"].append({"name": "agreement", "options": {"k": 3}})

@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdistill.plugins.teachers.cache_store import TeacherCache, dequantize, quantize, shard_name, top_k_targets
-from kdistill.plugins.teachers.cached import cache_from_plan
+from conftest import engine_for, tiny_recipe, write_recipe
 from kdistill.core.config import resolve
 from kdistill.core.errors import ConfigError
 from kdistill.core.registry import Registry
-
-from conftest import tiny_recipe, write_recipe
-from test_engine import engine_for
+from kdistill.plugins.teachers.cache_store import TeacherCache, dequantize, quantize, shard_name, top_k_targets
+from kdistill.plugins.teachers.cached import cache_from_plan
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -92,7 +90,7 @@ def test_the_cache_reads_back_the_teachers_top_k(tiny_assets, tmp_path):
     cache = TeacherCache(tmp_path / "cache")
     engine = engine_for(tiny_recipe(tiny_assets, tmp_path / "live"))
     engine.build()
-    engine.data.options  # the live run's data differ (no max_train_blocks): build the cached run's own
+    # the live run's data differ (no max_train_blocks): build the cached run's own
     data = plan_of(raw).one("data").build()
     data.setup(engine.tokenizer, 0)
     keys = data.train_keys()[[0, 9, 19]]

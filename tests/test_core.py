@@ -8,12 +8,11 @@ import pydantic
 import pytest
 
 import kdistill
+from conftest import tiny_recipe
 from kdistill.core.config import apply_overrides, load_recipe, parse_yaml, resolve
 from kdistill.core.errors import ConfigError, RegistryError
 from kdistill.core.plugins import make_plugin_manager
 from kdistill.core.registry import Registry
-
-from conftest import tiny_recipe
 
 
 def plugin_module(name: str, **hooks) -> types.ModuleType:

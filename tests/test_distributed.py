@@ -19,11 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdistill.core.distributed import fill_auto, teacher_config
-from kdistill.core.config import TrainSpec
-from kdistill.core.errors import ConfigError
-
 from conftest import cut_after, tiny_recipe, write_recipe
+from kdistill.core.config import TrainSpec
+from kdistill.core.distributed import fill_auto, teacher_config
+from kdistill.core.errors import ConfigError
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None and shutil.which("g++") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (pip install 'kdistill[deepspeed]', "

@@ -41,13 +41,12 @@ def test_yaml_in_the_docs_validates_as_part_of_a_recipe(tiny_assets, tmp_path):
 
     from conftest import tiny_recipe
     from kdistill.core.config import resolve
-    from kdistill.core.registry import Registry
-
     from kdistill.core.plugins import make_plugin_manager
+    from kdistill.core.registry import Registry
 
     registry = Registry.from_plugins(make_plugin_manager(extra_plugins=[("how-to", how_to_plugin()[1])]))
     checked = 0
-    for name, text in blocks("yaml"):
+    for _name, text in blocks("yaml"):
         raw = yaml.safe_load(text)
         if not isinstance(raw, dict) or not set(raw) & set(Recipe.model_fields):
             continue
@@ -99,8 +98,8 @@ def test_the_plugin_how_to_code_is_a_working_plugin():
 
 
 def test_generated_component_pages_list_every_component_and_option():
-    from kdistill.core.registry import Registry
     from kdistill.core.components import KINDS
+    from kdistill.core.registry import Registry
     from kdistill.docgen import component_pages, recipe_schema_page, strategy_pages
 
     registry = Registry.from_plugins()

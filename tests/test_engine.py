@@ -10,21 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import kdistill
-from kdistill.core.config import resolve
-from kdistill.core.engine import Engine
+from conftest import engine_for, nan_at
 from kdistill.core.errors import KdistillError
-from kdistill.core.plugins import make_plugin_manager
-from kdistill.core.registry import Registry
 from kdistill.plugins.mappers.uniform import UniformMapper
 from kdistill.plugins.schedulers.constant import Constant
 from kdistill.plugins.schedulers.cosine_warmup import CosineWarmup
 from kdistill.plugins.schedulers.linear import Linear
-
-
-def engine_for(raw):
-    pm = make_plugin_manager()
-    registry = Registry.from_plugins(pm)
-    return Engine(resolve(raw, registry), pm, registry)
 
 
 def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradients(recipe_factory):
@@ -34,7 +25,7 @@ def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradients(recipe_factory):
     def spy(module, args, kwargs):
         seen.append((module.training, torch.is_grad_enabled()))
 
-    original_build = engine._build
+    original_build = engine.build
 
     def build_and_spy():
         original_build()
@@ -42,7 +33,7 @@ def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradients(recipe_factory):
         engine.teacher.model.base_model.register_forward_pre_hook(spy, with_kwargs=True)
         engine.before_weights = {k: v.clone() for k, v in engine.teacher.model.state_dict().items()}
 
-    engine._build = build_and_spy
+    engine.build = build_and_spy
     engine.run()
     assert len(seen) >= 3  # one teacher forward per step, plus evaluation
     assert all(training is False and grad is False for training, grad in seen)
@@ -114,24 +105,6 @@ def test_checkpoint_pruning_keeps_the_newest(recipe_factory, tmp_path):
     assert names == ["step-00000004", "step-00000005"]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000005" / "state.json").read_text())
     assert state["step"] == 5
-
-
-def nan_at(engine, call):
-    """Make the strategy's loss NaN at its `call`-th micro-batch (counting from 1)."""
-    original = engine._build
-
-    def poisoned():
-        original()
-        step_loss = engine.strategy.loss
-        calls = {"n": 0}
-
-        def loss(batch):
-            calls["n"] += 1
-            total, terms = step_loss(batch)
-            return (total * float("nan") if calls["n"] == call else total), terms
-        engine.strategy.loss = loss
-    engine._build = poisoned
-    return engine
 
 
 def test_nan_loss_stops_the_run_naming_the_step(recipe_factory, tmp_path):

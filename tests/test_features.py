@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import kdistill
+from conftest import engine_for
 from kdistill.core.capture import capture
 from kdistill.core.errors import KdistillError
 from kdistill.plugins.losses.attention import AttentionKL
@@ -18,9 +19,6 @@ from kdistill.plugins.mappers.explicit import Explicit
 from kdistill.plugins.mappers.last_k import LastK
 from kdistill.plugins.mappers.learned import Learned
 from kdistill.plugins.mappers.uniform import UniformMapper
-
-from test_engine import engine_for
-
 
 # --------------------------------------------------------------------------- mappers
 

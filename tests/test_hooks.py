@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import inspect
-import re
 import types
 from pathlib import Path
 
 import torch
 
 import kdistill
+from conftest import tiny_recipe
 from kdistill.core import hookspecs
 from kdistill.core.config import resolve
 from kdistill.core.engine import Engine
 from kdistill.core.plugins import make_plugin_manager
 from kdistill.core.registry import Registry
-
-from conftest import tiny_recipe
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SPECS = sorted(name for name, fn in vars(hookspecs).items() if name.startswith("kd_") and callable(fn))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kdistill
+from conftest import numeric_grad
 from kdistill.core.fused import TeacherRows, fused_logit_loss
 from kdistill.plugins.losses import common
 from kdistill.plugins.losses.cross_entropy import CrossEntropy
@@ -19,8 +20,6 @@ from kdistill.plugins.losses.reverse_kl import ReverseKL
 from kdistill.plugins.losses.skew_kl import SkewKL
 from kdistill.plugins.losses.tvd import TVD
 from kdistill.testing import check_component
-
-from conftest import numeric_grad
 
 # --------------------------------------------------------------------------- references (floats only)
 
@@ -220,7 +219,7 @@ def test_fused_weighted_sum_of_several_losses():
     losses = [("forward-kl", 0.7, make(ForwardKL, {"temperature": 2.0})), ("cross-entropy", 0.3, CrossEntropy()),
               ("jsd", 0.5, make(JSD, {"beta": 0.5}))]
     total, terms = fused_logit_loss(hs, ws, TeacherRows(kdistill.ModelOutputs(logits=tl), torch.ones(7, dtype=torch.bool)), labels, losses, chunk=2)
-    ref = sum(w * dense(l, (hs @ ws.T)[None], tl[None], labels[None]) for _, w, l in losses)
+    ref = sum(w * dense(loss, (hs @ ws.T)[None], tl[None], labels[None]) for _, w, loss in losses)
     assert total.item() == pytest.approx(ref.item(), rel=1e-9)
     total.backward()
     gh, gw = hs.grad.clone(), ws.grad.clone()

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import kdistill
+from conftest import numeric_grad
 from kdistill.plugins.losses.cross_entropy import CrossEntropy
 from kdistill.plugins.losses.forward_kl import ForwardKL
 from kdistill.testing import check_component
-
-from conftest import numeric_grad
 
 
 def reference_forward_kl(student, teacher, labels, temperature):

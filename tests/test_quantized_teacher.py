@@ -17,11 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import engine_for, tiny_recipe, write_recipe
 from kdistill.cli import app
 from kdistill.core.models import dense_weights, unpack_cpu_4bit
-
-from conftest import tiny_recipe, write_recipe
-from test_engine import engine_for
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 pytestmark = pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes: pip install 'kdistill[quant]' (.ci/run does)")

@@ -18,17 +18,15 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import kdistill
-from kdistill.core import checkpoint as ckpt
+from conftest import engine_for, nan_at, write_recipe
 from kdistill.cli import app
+from kdistill.core import checkpoint as ckpt
 from kdistill.core.config import resolve
 from kdistill.core.engine import Engine
-from kdistill.core.errors import ComponentError, ConfigError, KdistillError
+from kdistill.core.errors import ComponentError, ConfigError
 from kdistill.core.models import load_causal_lm
 from kdistill.core.plugins import make_plugin_manager
 from kdistill.core.registry import Registry
-
-from conftest import write_recipe
-from test_engine import engine_for, nan_at
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

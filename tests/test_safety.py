@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_engine import engine_for
+from conftest import engine_for
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "kdistill"
 

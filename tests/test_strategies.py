@@ -8,11 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import cut_after, engine_for
 from kdistill.strategies.mtp_self import MTPHeads
 from kdistill.strategies.multi_view import augment
-
-from conftest import cut_after
-from test_engine import engine_for
 
 STRATEGIES = {
     "online": {"teacher_lr_scale": 0.5},
@@ -174,8 +172,9 @@ def test_mtp_trains_the_heads_and_the_student(recipe_factory):
 
 
 def mixture_source(tiny_assets, tmp_path, weights=(0.3, 0.7), seed=0):
-    from kdistill.plugins.data.mixture import Mixture
     from transformers import AutoTokenizer
+
+    from kdistill.plugins.data.mixture import Mixture
 
     task = tmp_path / "task.txt"
     task.write_text("thou shalt not pass the bridge of the king.\n" * 4)  # a small task source
@@ -244,12 +243,13 @@ def chain_recipe(recipe_factory):
 
 
 def test_progressive_chain_nested_runs_and_resume_skipping_finished_stages(recipe_factory, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
     import kdistill
     from kdistill.core.config import resolve
     from kdistill.core.engine import Engine
     from kdistill.core.plugins import make_plugin_manager
     from kdistill.core.registry import Registry
-    from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -6,11 +6,10 @@ import json
 import socket
 import warnings
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_engine import engine_for
+from conftest import engine_for
 
 
 def test_mlflow_default_local_store_has_metrics_params_and_model(recipe_factory, tmp_path, monkeypatch):

@@ -258,7 +258,9 @@ def add_plugin_commands(target: typer.Typer, pm=None) -> None:
 
     if pm is None:
         try:
-            pm = make_plugin_manager()
+            with warnings.catch_warnings():  # a plugin that fails to import is named by the command that needs it
+                warnings.simplefilter("ignore")
+                pm = make_plugin_manager()
         except KdistillError as exc:  # reported again by the command that needs the plugins
             warnings.warn(f"plugins not loaded: {exc}", stacklevel=2)
             return

@@ -1,7 +1,7 @@
+import kdistill_example
 import torch
 
 import kdistill
-import kdistill_example
 from kdistill.testing import check_component
 
 

@@ -27,6 +27,9 @@ class Component:
 
     name: ClassVar[str]
     kind: ClassVar[str] = "component"
+    # the component a recipe gets when it leaves its kind's slot out (one per kind at most; kdistill's
+    # own: the offline strategy, the constant scheduler, the MLflow tracker)
+    is_default: ClassVar[bool] = False
 
     class Options(Options):
         pass
@@ -264,6 +267,7 @@ class Evaluator(Component):
 
     kind = "evaluator"
     provides: ClassVar[tuple[str, ...]] = ()  # metric names it reports (for train.best_metric)
+    best_metric: ClassVar[str | None] = None  # which of them keeps the best model when the recipe names none
 
     def evaluate(self, context: "EvalContext") -> dict[str, float]:
         raise NotImplementedError
@@ -387,15 +391,16 @@ class Kind:
     many: bool                # whether that field is a list
     title: str                # what the docs call them
     page: str                 # their generated docs page
+    required: bool = False    # a recipe must have one: when it leaves the slot out, the kind's default
 
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("teacher", TeacherProvider, "kd_register_teachers", "teacher", False, "Teacher providers", "teachers.md"),
     Kind("loss", Loss, "kd_register_losses", "losses", True, "Losses", "losses.md"),
     Kind("layer_mapper", LayerMapper, "kd_register_layer_mappers", "layer_mapper", False, "Layer mappers", "layer-mappers.md"),
-    Kind("scheduler", Scheduler, "kd_register_schedulers", "scheduler", False, "Schedulers", "schedulers.md"),
+    Kind("scheduler", Scheduler, "kd_register_schedulers", "scheduler", False, "Schedulers", "schedulers.md", required=True),
     Kind("evaluator", Evaluator, "kd_register_evaluators", "evaluators", True, "Evaluators", "evaluators.md"),
-    Kind("strategy", Strategy, "kd_register_strategies", "strategy", False, "Strategies", "strategies.md"),
+    Kind("strategy", Strategy, "kd_register_strategies", "strategy", False, "Strategies", "strategies.md", required=True),
     Kind("data_source", DataSource, "kd_register_data_sources", "data", False, "Data sources", "data-sources.md"),
-    Kind("tracker", Tracker, "kd_register_trackers", "tracker", False, "Trackers", "trackers.md"),
+    Kind("tracker", Tracker, "kd_register_trackers", "tracker", False, "Trackers", "trackers.md", required=True),
 )}

@@ -83,7 +83,7 @@ class TrainSpec(StaticModel):
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient norm stops the run, "
                                                    "or skips that step's update")
     best_metric: str | None = Field(None, description="metric to keep the best checkpoint by (lower is better); "
-                                    "default val/student_loss when an evaluator reports it")
+                                    "default: the first evaluator's own choice (perplexity's: val/student_loss)")
 
 
 class DistributedSpec(StaticModel):
@@ -98,16 +98,19 @@ class DistributedSpec(StaticModel):
                                                           "(auto: nccl on CUDA, gloo on CPU)")
 
 
+DEFAULTED = "default: the installed {kind} marked as its kind's default (kdistill's own, unless a plugin replaces it)"
+
+
 class Recipe(StaticModel):
     student: StudentSpec
     teacher: ComponentSpec | None = None
-    strategy: ComponentSpec = ComponentSpec(name="offline")
+    strategy: ComponentSpec | None = Field(None, description=DEFAULTED.format(kind="strategy"))
     data: ComponentSpec
     losses: list[LossSpec] = Field(default_factory=list)
     layer_mapper: ComponentSpec | None = None
-    scheduler: ComponentSpec = ComponentSpec(name="constant")
+    scheduler: ComponentSpec | None = Field(None, description=DEFAULTED.format(kind="scheduler"))
     evaluators: list[ComponentSpec] = Field(default_factory=list)
-    tracker: ComponentSpec = ComponentSpec(name="mlflow")
+    tracker: ComponentSpec | None = Field(None, description=DEFAULTED.format(kind="tracker"))
     train: TrainSpec
     output_dir: str
     run_name: str | None = None
@@ -271,7 +274,9 @@ def _describe(error: dict[str, Any], prefix: tuple[Any, ...], fields: list[str])
         return f"{dotted(loc)}: {msg}"
     if error["type"] == "missing":
         return f"{dotted(loc)}: required field is missing"
-    return f"{dotted(loc)}: {error['msg']} (got {error.get('input')!r})" if "input" in error and not isinstance(error.get("input"), dict) else f"{dotted(loc)}: {error['msg']}"
+    if "input" in error and not isinstance(error.get("input"), dict):
+        return f"{dotted(loc)}: {error['msg']} (got {error.get('input')!r})"
+    return f"{dotted(loc)}: {error['msg']}"
 
 
 def _model_fields(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -301,6 +306,7 @@ def resolve(raw: Any, registry: Registry) -> Plan:
     problems: list[str] = []
     deferred: list[str] = []  # option problems the components' own models normally report
     recipe: Recipe | None = None
+    given, raw = raw, _with_defaults(raw, registry, problems)
     try:
         recipe = Recipe.model_validate(raw)
     except pydantic.ValidationError as exc:
@@ -315,9 +321,6 @@ def resolve(raw: Any, registry: Registry) -> Plan:
     components: dict[str, list[Resolved]] = {}
     for slot, (kind, many) in SLOTS.items():
         value = raw.get(slot, None)
-        if slot not in raw:
-            default = Recipe.model_fields[slot].get_default(call_default_factory=True)
-            value = default.model_dump() if isinstance(default, pydantic.BaseModel) else default
         if value is None:
             continue
         items = value if many else [value]
@@ -340,7 +343,8 @@ def resolve(raw: Any, registry: Registry) -> Plan:
             except pydantic.ValidationError as exc:
                 fields = list(entry.cls.Options.model_fields)
                 for err in exc.errors():
-                    problems.append(f"{_describe(err, (slot, i, 'options') if many else (slot, 'options'), fields)} [{kind.replace('_', ' ')} '{entry.name}' from {entry.source}]")
+                    where = (slot, i, "options") if many else (slot, "options")
+                    problems.append(f"{_describe(err, where, fields)} [{kind.replace('_', ' ')} '{entry.name}' from {entry.source}]")
                 continue
             weight = item.get("weight", 1.0)
             resolved.append(Resolved(path, entry, options, float(weight) if isinstance(weight, (int, float)) else 1.0))
@@ -352,7 +356,21 @@ def resolve(raw: Any, registry: Registry) -> Plan:
         problems = deferred
     if problems:
         raise ConfigError(problems)
-    return Plan(recipe=recipe, raw=copy.deepcopy(raw), components=components)
+    return Plan(recipe=recipe, raw=copy.deepcopy(given), components=components)
+
+
+def _with_defaults(raw: dict, registry: Registry, problems: list[str]) -> dict:
+    """The recipe with each required slot it leaves out filled by its kind's default component
+    (`is_default`, declared by the component, so core names none)."""
+    filled = dict(raw)
+    for kind in KINDS.values():
+        if kind.required and filled.get(kind.slot) is None:
+            default = registry.default(kind.name)
+            if default is None:
+                problems.append(f"{kind.slot}: required (no installed {kind.name.replace('_', ' ')} is marked as the default)")
+            else:
+                filled[kind.slot] = {"name": default.name}
+    return filled
 
 
 def _cross_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list[str]:

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,8 +22,7 @@ import yaml
 
 from kdistill.__about__ import __version__
 from kdistill.core import checkpoint as ckpt
-from kdistill.core.components import Batch
-from kdistill.core.components import EvalContext, Needs, TrainContext
+from kdistill.core.components import Batch, EvalContext, Needs, TrainContext
 from kdistill.core.config import Plan, apply_overrides, load_recipe, resolve
 from kdistill.core.errors import ComponentError, KdistillError
 from kdistill.core.models import build_student
@@ -166,8 +164,8 @@ class Engine:
         self.flops_per_token = 2 * teacher_params + 6 * sum(p.numel() for p in params)
         self.skipped_steps = 0
         self.best_metric = t.best_metric
-        if self.best_metric is None and any("val/student_loss" in e.provides for e in self.evaluators):
-            self.best_metric = "val/student_loss"
+        if self.best_metric is None:  # the first evaluator that proposes one
+            self.best_metric = next((e.best_metric for e in self.evaluators if e.best_metric), None)
 
     def _check_shared_vocabulary(self) -> None:
         """Comparing logits token by token needs one vocabulary: compare the tokenizers' vocabularies
@@ -347,7 +345,8 @@ class Engine:
         if differ:
             problems.append(f"--resume: the recipe differs from {path} in {', '.join(differ)}")
         if state.get("data_fingerprint") != self.data.fingerprint():
-            problems.append(f"--resume: the data differs from the data of {path} (fingerprint {state.get('data_fingerprint')} != {self.data.fingerprint()})")
+            problems.append(f"--resume: the data differs from the data of {path} "
+                            f"(fingerprint {state.get('data_fingerprint')} != {self.data.fingerprint()})")
         if problems and not force:
             raise KdistillError([p + " (pass --force to resume anyway)" for p in problems])
         for problem in problems:

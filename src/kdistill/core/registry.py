@@ -57,6 +57,11 @@ class Registry:
                         problems.append(f"{kind} '{name}' is provided twice: by {other.source} and by {entry.source}")
                         continue
                     entries[kind][name] = entry
+        for kind, named in entries.items():
+            defaults = [e for e in named.values() if e.cls.is_default]
+            if len(defaults) > 1:
+                problems.append(f"{kind.replace('_', ' ')}: {' and '.join(repr(e.name) for e in defaults)} are each marked "
+                                f"as the default ({', '.join(e.source for e in defaults)})")
         if problems:
             raise RegistryError(problems)
         return cls(entries, pm.failures)
@@ -71,6 +76,10 @@ class Registry:
 
     def find(self, kind: str, name: str) -> Entry | None:
         return self._entries[kind].get(name)
+
+    def default(self, kind: str) -> Entry | None:
+        """The component of `kind` marked `is_default`, if one is installed."""
+        return next((e for e in self._entries[kind].values() if e.cls.is_default), None)
 
     def unknown_message(self, kind: str, name: str) -> str:
         installed = self.names(kind)

@@ -30,7 +30,8 @@ class StepOptions(Options):
     """Options of every strategy that computes the recipe's losses with a `LossStep`."""
 
     fused: bool = Field(True, description="compute logit losses in chunks from hidden states when the model allows")
-    chunk_tokens: int | None = Field(None, ge=1, description="positions per chunk on the fused path (default: ~96 MiB of float32 logits, a multiple of 32)")
+    chunk_tokens: int | None = Field(None, ge=1, description="positions per chunk on the fused path "
+                                     "(default: ~96 MiB of float32 logits, a multiple of 32)")
 
 
 def use_eager_attention(model: nn.Module, who: str) -> None:

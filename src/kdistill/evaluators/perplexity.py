@@ -29,6 +29,7 @@ class Perplexity(kdistill.Evaluator):
 
     name = "perplexity"
     provides = ("val/student_loss", "val/student_ppl", "val/teacher_loss", "val/teacher_ppl")
+    best_metric = "val/student_loss"
 
     class Options(kdistill.Options):
         teacher: bool = True

@@ -12,8 +12,7 @@ import yaml
 from pydantic import Field
 
 import kdistill
-from kdistill import KdistillError
-from kdistill import resolve_path
+from kdistill import KdistillError, resolve_path
 
 
 class TaskData(kdistill.Options):

@@ -15,6 +15,7 @@ class Offline(kdistill.Strategy):
     """
 
     name = "offline"
+    is_default = True
 
     class Options(StepOptions):
         pass

@@ -11,8 +11,7 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill import ConfigError
-from kdistill import resolve_path
+from kdistill import ConfigError, resolve_path
 
 _CHUNK_CHARS = 1 << 16  # tokenize long files piecewise, cut at line ends
 

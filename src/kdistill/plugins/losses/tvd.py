@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 import kdistill
 from kdistill.plugins.losses.common import TemperatureOptions, shared_vocab, tempered_log_softmax, upcast
 

@@ -11,6 +11,7 @@ class Constant(kdistill.Scheduler):
     """The base value throughout (after an optional linear warmup)."""
 
     name = "constant"
+    is_default = True
 
     class Options(kdistill.Options):
         warmup_steps: int = Field(0, ge=0)

@@ -40,8 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kdistill import SparseTargets
-from kdistill import ConfigError
+from kdistill import ConfigError, SparseTargets
 
 FORMAT = "kdistill-teacher-cache/1"
 MANIFEST = "manifest.json"

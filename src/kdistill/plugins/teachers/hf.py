@@ -8,9 +8,7 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill.toolkit import capture
-from kdistill.toolkit import frozen_outputs
-from kdistill.toolkit import load_causal_lm, load_tokenizer
+from kdistill.toolkit import capture, frozen_outputs, load_causal_lm, load_tokenizer
 
 
 class HFTeacher(kdistill.TeacherProvider):

@@ -23,6 +23,7 @@ class MlflowTracker(kdistill.Tracker):
     """Logs params, metrics with steps, artifacts and the final model to MLflow."""
 
     name = "mlflow"
+    is_default = True
 
     class Options(kdistill.Options):
         experiment: str = "kdistill"
