@@ -61,7 +61,7 @@ def test_online_trains_the_teacher_at_its_own_rate(recipe_factory):
     t0, s0 = snapshot(teacher), snapshot(student)
     assert {g["name"]: g["lr"] for g in engine.optimizer.param_groups} == {"student": 1e-3, "teacher": 5e-4}
     for step in range(2):
-        metrics = engine._step(step)
+        metrics = engine.train_step(step)
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
     assert len(changed(t0, teacher)) == len(t0) and len(changed(s0, student)) == len(s0)
     assert metrics["train/teacher_ce"] > 0 and metrics["train/forward-kl"] > 0
@@ -71,7 +71,7 @@ def test_online_student_gradient_does_not_reach_the_teacher(recipe_factory):
     engine = engine_for(strategy_recipe(recipe_factory, "online"))
     engine.build()
     engine.strategy.options = engine.strategy.Options(teacher_weight=0.0)
-    batch = engine._micro_batch(0)
+    batch = engine.micro_batch(0)
     total, _ = engine.strategy.loss(batch)
     total.backward()
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in engine.teacher.model.parameters())
@@ -83,7 +83,7 @@ def test_mutual_trains_every_peer_and_leaves_the_teacher_alone(recipe_factory):
     engine.build()
     peer = engine.strategy.peers[1]
     p0, s0, t0 = snapshot(peer), snapshot(engine.student), snapshot(engine.teacher.model)
-    metrics = engine._step(0)
+    metrics = engine.train_step(0)
     assert len(changed(p0, peer)) == len(p0) and len(changed(s0, engine.student)) == len(s0)
     assert not changed(t0, engine.teacher.model)
     assert {"train/forward-kl", "train/peer1_forward-kl", "train/cross-entropy", "train/peer1_cross-entropy"} <= set(metrics)
@@ -95,7 +95,7 @@ def test_ema_follows_the_student_by_the_closed_form(recipe_factory):
     ema = engine.strategy.ema
     start = snapshot(ema)
     assert not any(p.requires_grad for p in ema.parameters())
-    engine._step(0)
+    engine.train_step(0)
     after_student = snapshot(engine.student)
     for name, value in ema.named_parameters():
         assert torch.allclose(value, 0.9 * start[name] + 0.1 * after_student[name], atol=1e-7), name
@@ -125,7 +125,7 @@ def test_multi_view_teacher_sees_the_view_and_the_student_trains(recipe_factory)
     seen = []
     original = engine.strategy.view
     engine.strategy.view = lambda ids: seen.append(ids) or original(ids)
-    metrics = engine._step(0)
+    metrics = engine.train_step(0)
     assert seen and len(changed(s0, engine.student)) == len(s0)
     assert metrics["train/forward-kl"] > 0
 
@@ -149,7 +149,7 @@ def test_mtp_future_token_does_not_change_earlier_auxiliary_outputs(recipe_facto
     engine.build()
     from kdistill.core.fused import final_hidden
 
-    batch = engine._micro_batch(0)
+    batch = engine.micro_batch(0)
     ids = batch.input_ids.clone()
     changed_ids = ids.clone()
     j = ids.shape[1] // 2
@@ -165,7 +165,7 @@ def test_mtp_trains_the_heads_and_the_student(recipe_factory):
     engine = engine_for(strategy_recipe(recipe_factory, "mtp-self"))
     engine.build()
     h0, s0, t0 = snapshot(engine.strategy.heads), snapshot(engine.student), snapshot(engine.teacher.model)
-    metrics = engine._step(0)
+    metrics = engine.train_step(0)
     assert len(changed(h0, engine.strategy.heads)) == len(h0) and len(changed(s0, engine.student)) == len(s0)
     assert not changed(t0, engine.teacher.model)
     assert metrics["train/mtp_ce"] > 0 and metrics["train/mtp_distill"] > 0

@@ -283,6 +283,12 @@ class Strategy(Component):
 
     kind = "strategy"
     needs_teacher: ClassVar[bool] = True
+    chain: ClassVar[bool] = False  # runs whole stages itself (`run_chain`) instead of the engine's loop
+
+    def run_chain(self, plan: Any, runner: Any, resume: bool, overwrite: bool, force: bool) -> dict[str, Any]:
+        """A chain strategy's run (progressive): `runner` (the engine's StageRunner) resolves stage
+        recipes, runs each as a complete run, and says what happens. Returns the run's summary."""
+        raise NotImplementedError
 
     def setup(self, context: "TrainContext") -> None:
         self.context = context

@@ -23,3 +23,24 @@ class ComponentError(KdistillError):
     """A component raised during the run: not the user's input, so exit code 1 and the cause's traceback."""
 
     exit_code = 1
+
+
+def blame(exc: Exception, entries, where_step: str, kept: str = "") -> ComponentError:
+    """Name the plugin whose code raised: the innermost traceback frame inside a registered component's
+    module (or, for third-party plugins, its top-level package). `entries`: the registry's entries."""
+    modules: dict[str, object] = {}
+    for entry in entries:
+        module = entry.cls.__module__
+        modules.setdefault(module, entry)
+        if not module.startswith("kdistill."):
+            modules.setdefault(module.split(".")[0], entry)
+    culprit = None
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        entry = modules.get(name) or (modules.get(name.split(".")[0]) if not name.startswith("kdistill.") else None)
+        culprit = entry or culprit
+        tb = tb.tb_next
+    where = f"{culprit.kind.replace('_', ' ')} '{culprit.name}' of {culprit.source}" if culprit else "the run"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return ComponentError(f"{where_step}: {where} raised {type(exc).__name__}: {first}{kept}")

@@ -290,6 +290,23 @@ def build_student(spec, teacher_model: nn.Module | None, teacher_tokenizer):
     return _check_vocab(model, tokenizer, "student.config.vocab_size" if spec.config is not None else "student")
 
 
+def check_shared_vocabulary(teacher_tokenizer, tokenizer, loss_classes) -> None:
+    """Comparing logits token by token needs one vocabulary: compare the tokenizers' vocabularies
+    themselves (sizes alone would let two different tokenizers of one size through)."""
+    from kdistill.core.components import LogitLoss
+
+    if teacher_tokenizer is None or teacher_tokenizer is tokenizer:
+        return
+    if not any(isinstance(cls, type) and issubclass(cls, LogitLoss) and cls.needs_teacher for cls in loss_classes):
+        return
+    ours, theirs = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if ours != theirs:
+        differ = len(set(ours.items()) ^ set(theirs.items())) // 2 or abs(len(ours) - len(theirs))
+        raise ConfigError(f"student.tokenizer: the student's tokenizer ({len(ours)} tokens) is not the teacher's "
+                          f"({len(theirs)} tokens; about {differ} entries differ); logit losses compare the two "
+                          "distributions token by token and need one vocabulary")
+
+
 def _check_vocab(model: nn.Module, tokenizer, field: str):
     rows = model.get_input_embeddings().num_embeddings
     if rows < len(tokenizer):
