@@ -65,6 +65,7 @@ def recipe(assets, out: Path, **train) -> dict:
 
 
 @needs_deepspeed
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("stage,teacher", [(2, "replicated"), (3, "zero3")])
 def test_two_processes_match_one_and_resume_exactly(tiny_assets, tmp_path, stage, teacher):
     one = recipe(tiny_assets, tmp_path / "one", batch_size=4)

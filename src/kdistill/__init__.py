@@ -9,6 +9,7 @@ from kdistill.core.components import (
     IGNORE_INDEX,
     Batch,
     Component,
+    ConstantTemperatureOptions,
     DataSource,
     EvalContext,
     Evaluator,
@@ -24,6 +25,7 @@ from kdistill.core.components import (
     SparseTargets,
     Strategy,
     TeacherProvider,
+    TemperatureOptions,
     Tracker,
     TrainContext,
 )
@@ -31,6 +33,7 @@ from kdistill.core.config import Plan, Recipe, load_recipe, resolve
 from kdistill.core.errors import ConfigError, KdistillError
 from kdistill.core.hookspecs import hookimpl
 from kdistill.core.paths import resolve_path
+from kdistill.core.schedule import Schedule, Scheduled, value_at
 
 
 def run(recipe, overrides=(), resume: bool = False, overwrite: bool = False):
@@ -41,7 +44,8 @@ def run(recipe, overrides=(), resume: bool = False, overwrite: bool = False):
 
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "Component", "ConfigError", "DataSource", "EvalContext", "Evaluator", "FeatureLoss", "LayerMap",
+    "IGNORE_INDEX", "Batch", "Component", "ConfigError", "ConstantTemperatureOptions", "Schedule", "Scheduled",
+    "TemperatureOptions", "value_at", "DataSource", "EvalContext", "Evaluator", "FeatureLoss", "LayerMap",
     "KdistillError", "LayerMapper", "LogitLoss", "Loss", "ModelOutputs", "Needs", "Options", "Plan", "Recipe",
     "Scheduler", "SparseTargets", "Strategy", "TeacherProvider", "Tracker", "TrainContext", "__version__", "hookimpl",
     "load_recipe", "resolve", "resolve_path", "run",

@@ -9,6 +9,7 @@ one page per strategy with the shipped recipes that use it. The MkDocs hook in
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,14 @@ import yaml
 from kdistill.core.components import KINDS
 from kdistill.core.config import DistributedSpec, FromTeacher, Recipe, StudentSpec, TrainSpec
 from kdistill.core.registry import Registry
+from kdistill.core.schedule import Scheduled
 
 RECIPES_DIR = Path(__file__).resolve().parent / "strategies" / "recipes"
 
 
 def _type_name(annotation: Any) -> str:
+    if annotation in (Scheduled, typing.get_args(Scheduled)[0]):  # pydantic keeps the union, not its Annotated
+        return "float | Schedule"
     text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
     text = text or repr(annotation)
     text = re.sub(r"\b(typing|pydantic\.types|kdistill\.[\w.]+|annotated_types)\.", "", text)

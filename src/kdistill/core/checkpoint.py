@@ -225,7 +225,7 @@ def load_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer: tor
     return _read(path / "state.json", text)
 
 
-def atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:
+def atomic_save_pretrained(model: Any, tokenizer: Any, target: Path) -> None:
     """`save_pretrained` (safetensors) into a temporary folder, then swap it into place."""
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     if tmp.exists():

@@ -11,7 +11,11 @@ from typing import Any, ClassVar, Iterator, Mapping
 
 import pydantic
 import torch
+from pydantic import Field
+from pydantic_core import PydanticCustomError
 from torch import nn
+
+from kdistill.core.schedule import Schedule, Scheduled, value_at
 
 IGNORE_INDEX = -100
 
@@ -60,8 +64,8 @@ class Batch:
         return self.labels != IGNORE_INDEX
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), self.keys)
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return Batch(self.input_ids.to(device), self.labels.to(device), mask, self.keys)
 
 
 @dataclass
@@ -131,6 +135,29 @@ class TeacherProvider(Component):
         raise NotImplementedError
 
 
+class TemperatureOptions(Options):
+    """The one declaration of a softening temperature. Logit losses that soften take their options
+    from it (a number, or a schedule over steps); the cached teacher, mtp-self's own distillation and
+    the agreement evaluator use `ConstantTemperatureOptions`, the same option fixed for the run."""
+
+    temperature: Scheduled = Field(1.0, description="softening temperature T, or a schedule of it over the steps "
+                                   "({schedule: linear, start: 4, end: 1}); losses are scaled by T^2")
+
+    @pydantic.field_validator("temperature")
+    @classmethod
+    def _positive(cls, value: Scheduled) -> Scheduled:
+        low = value.bounds()[0] if isinstance(value, Schedule) else value
+        if not low > 0:  # worded as pydantic words its own bound
+            raise PydanticCustomError("greater_than", "Input should be greater than 0", {"gt": 0})
+        return value
+
+
+class ConstantTemperatureOptions(TemperatureOptions):
+    """A temperature fixed for the whole run (what a cache was computed at, what an evaluator measures at)."""
+
+    temperature: float = Field(1.0, gt=0, description="softening temperature T")
+
+
 class Loss(Component):
     """A per-position loss. `__call__` returns the SUM over positions whose label counts.
 
@@ -141,6 +168,17 @@ class Loss(Component):
     kind = "loss"
     needs_teacher: ClassVar[bool] = True
     needs_logits: ClassVar[bool] = True  # full student logits; False lets the engine skip them
+
+    @property
+    def temperature(self) -> float | None:
+        """The softening temperature at the current step (None for a loss without one)."""
+        if not isinstance(self.options, TemperatureOptions):
+            return None
+        return value_at(self.options.temperature, *getattr(self, "_step", (0, 1)))
+
+    def at_step(self, step: int, total_steps: int) -> None:
+        """Called by the engine before each optimizer step: scheduled options take that step's value."""
+        self._step = (step, total_steps)
 
     def __call__(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
@@ -175,9 +213,11 @@ class LogitLoss(Loss):
 
     def __call__(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> torch.Tensor:
         mask = batch.mask
+        if student.logits is None:
+            raise ValueError(f"loss '{self.name}' needs the student's logits")
         s = student.logits[mask]
         s = s if s.dtype in (torch.float32, torch.float64) else s.float()
-        target = None
+        target: torch.Tensor | SparseTargets | None = None
         if self.needs_teacher:
             if teacher is None:
                 raise ValueError(f"loss '{self.name}' needs a teacher")
@@ -367,6 +407,8 @@ class TrainContext:
     needs: Needs
     layer_mapper: LayerMapper | None = None
     total_tokens: int = 1  # counted positions in the current optimizer step (set per step)
+    step: int = 0  # the current optimizer step (from 0) and the run's total, for scheduled values
+    total_steps: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -11,15 +11,17 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pydantic
 import yaml
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic_core import PydanticCustomError
 
 from kdistill.core.components import KINDS, Component
 from kdistill.core.errors import ConfigError
 from kdistill.core.registry import Entry, Registry
+from kdistill.core.schedule import NUMBER, SCHEDULE, Schedule, Scheduled
 
 
 class StaticModel(pydantic.BaseModel):
@@ -37,7 +39,16 @@ class ComponentSpec(StaticModel):
 
 
 class LossSpec(ComponentSpec):
-    weight: float = Field(1.0, ge=0)
+    weight: Scheduled = Field(1.0, description="the loss's weight in the sum, or a schedule of it over the steps "
+                              "({schedule: linear, start: 0, end: 1})")
+
+    @pydantic.field_validator("weight")
+    @classmethod
+    def _not_negative(cls, value: Scheduled) -> Scheduled:
+        low = value.bounds()[0] if isinstance(value, Schedule) else value
+        if low < 0:  # worded as pydantic words its own bound
+            raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to 0", {"ge": 0})
+        return value
 
 
 class FromTeacher(StaticModel):
@@ -114,7 +125,7 @@ class Recipe(StaticModel):
     train: TrainSpec
     output_dir: str
     run_name: str | None = None
-    distributed: DistributedSpec = DistributedSpec()
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
 
 # slot in the recipe -> (component kind, a list of components?), in the recipe's field order
@@ -131,7 +142,7 @@ class Resolved:
     path: str
     entry: Entry
     options: Any
-    weight: float = 1.0
+    weight: Scheduled = 1.0
 
     def build(self) -> Component:
         return self.entry.cls(self.options)
@@ -149,6 +160,33 @@ class Plan:
         items = self.components.get(slot) or []
         return items[0] if items else None
 
+    def build(self, slot: str, base: type[C]) -> C | None:
+        """The component in `slot`, built (None if the recipe has none): typed as its kind's base class."""
+        item = self.one(slot)
+        return None if item is None else _typed(item.build(), base)
+
+    def build_all(self, slot: str, base: type[C]) -> list[C]:
+        return [_typed(item.build(), base) for item in self.components.get(slot) or []]
+
+
+C = TypeVar("C", bound=Component)
+
+
+T = TypeVar("T")
+
+
+def required(value: T | None) -> T:
+    """A required slot's component: resolve() filled it (from the recipe or its kind's default)."""
+    if value is None:
+        raise ConfigError("recipe: a required component is missing")
+    return value
+
+
+def _typed(component: Component, base: type[C]) -> C:
+    if not isinstance(component, base):  # the registry admits only subclasses of the kind's base
+        raise TypeError(f"{component!r} is not a {base.__name__}")
+    return component
+
 
 # --------------------------------------------------------------------------- YAML
 
@@ -156,7 +194,7 @@ class Plan:
 class _RecipeLoader(yaml.SafeLoader):
     """Safe loader that reads `1e-4` as a float (YAML 1.1 says string) and refuses duplicate keys."""
 
-    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+    def construct_mapping(self, node, deep=False):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -252,6 +290,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def dotted(loc: tuple[Any, ...] | list[Any]) -> str:
     out = ""
     for part in loc:
+        if part in (NUMBER, SCHEDULE):  # which branch of a number-or-schedule field the value took
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         elif re.fullmatch(r"[A-Za-z0-9_\-]+", str(part)):
@@ -261,7 +301,7 @@ def dotted(loc: tuple[Any, ...] | list[Any]) -> str:
     return out or "recipe"
 
 
-def _describe(error: dict[str, Any], prefix: tuple[Any, ...], fields: list[str]) -> str:
+def _describe(error: Any, prefix: tuple[Any, ...], fields: list[str]) -> str:
     loc = prefix + tuple(error["loc"])
     if error["type"] == "extra_forbidden":
         name = str(error["loc"][-1]) if error["loc"] else ""
@@ -346,8 +386,7 @@ def resolve(raw: Any, registry: Registry) -> Plan:
                     where = (slot, i, "options") if many else (slot, "options")
                     problems.append(f"{_describe(err, where, fields)} [{kind.replace('_', ' ')} '{entry.name}' from {entry.source}]")
                 continue
-            weight = item.get("weight", 1.0)
-            resolved.append(Resolved(path, entry, options, float(weight) if isinstance(weight, (int, float)) else 1.0))
+            resolved.append(Resolved(path, entry, options, _weight(item.get("weight", 1.0))))
         components[slot] = resolved
 
     if recipe is not None and not problems:
@@ -356,7 +395,18 @@ def resolve(raw: Any, registry: Registry) -> Plan:
         problems = deferred
     if problems:
         raise ConfigError(problems)
+    assert recipe is not None  # validated: no problems left
     return Plan(recipe=recipe, raw=copy.deepcopy(given), components=components)
+
+
+def _weight(value: Any) -> Scheduled:
+    """A loss weight as written (a number or a schedule); a malformed one was reported by the static check."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return Schedule.model_validate(value)
+    except pydantic.ValidationError:
+        return 1.0
 
 
 def _with_defaults(raw: dict, registry: Registry, problems: list[str]) -> dict:

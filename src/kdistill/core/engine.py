@@ -21,13 +21,26 @@ from kdistill.__about__ import __version__
 from kdistill.core import checkpoint as ckpt
 from kdistill.core import run_folder, summary
 from kdistill.core.backends import make_backend
-from kdistill.core.components import EvalContext, Needs, TrainContext
-from kdistill.core.config import Plan, apply_overrides, load_recipe, resolve
+from kdistill.core.components import (
+    DataSource,
+    EvalContext,
+    Evaluator,
+    LayerMapper,
+    Loss,
+    Needs,
+    Scheduler,
+    Strategy,
+    TeacherProvider,
+    Tracker,
+    TrainContext,
+)
+from kdistill.core.config import Plan, _typed, apply_overrides, load_recipe, required, resolve
 from kdistill.core.errors import KdistillError, blame
 from kdistill.core.models import build_student, check_shared_vocabulary
 from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 from kdistill.core.registry import Registry
 from kdistill.core.runtime import seed_everything
+from kdistill.core.schedule import apply_schedules, value_at
 
 # recipe fields whose change alters a resumed run's result
 RESULT_FIELDS = ("student", "teacher", "strategy", "data", "losses", "layer_mapper", "scheduler", "train.steps",
@@ -54,7 +67,7 @@ class Engine:
         seed_everything(t.seed)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        self.teacher = plan.one("teacher").build() if plan.one("teacher") else None
+        self.teacher = plan.build("teacher", TeacherProvider)
         if self.teacher is not None:
             with self.console.status("loading the teacher"):
                 self.teacher.load(self.device)
@@ -62,19 +75,20 @@ class Engine:
         self.student, self.tokenizer = build_student(recipe.student, self.teacher.model if self.teacher else None, teacher_tokenizer)
         check_shared_vocabulary(teacher_tokenizer, self.tokenizer, [item.entry.cls for item in plan.components["losses"]])
         self.student.to(self.device).train()
-        self.data = plan.one("data").build()
+        self.data = required(plan.build("data", DataSource))
         with self.console.status("reading and tokenizing the data"):
             self.data.setup(self.tokenizer, t.seed)
-        self.losses = [(item.entry.name, item.weight, item.build()) for item in plan.components["losses"]]
+        self.weights = [item.weight for item in plan.components["losses"]]  # numbers or schedules
+        self.losses = [(item.entry.name, value_at(item.weight, 0, t.steps), _typed(item.build(), Loss))
+                       for item in plan.components["losses"]]
         if self.teacher is not None:
             self.teacher.prepare(self.data, self.tokenizer, self.losses)
-        self.scheduler = plan.one("scheduler").build()
-        self.evaluators = [item.build() for item in plan.components.get("evaluators", [])]
-        self.tracker = plan.one("tracker").build() if self.is_main else summary.NoTracker()
-        self.strategy = plan.one("strategy").build()
-        mapper = plan.one("layer_mapper")
+        self.scheduler = required(plan.build("scheduler", Scheduler))
+        self.evaluators = plan.build_all("evaluators", Evaluator)
+        self.tracker: Tracker | summary.NoTracker = required(plan.build("tracker", Tracker)) if self.is_main else summary.NoTracker()
+        self.strategy = required(plan.build("strategy", Strategy))
         self.context = TrainContext(student=self.student, teacher=self.teacher, losses=self.losses, needs=Needs(),
-                                    layer_mapper=mapper.build() if mapper else None)
+                                    layer_mapper=plan.build("layer_mapper", LayerMapper))
         self.strategy.setup(self.context)
         self.modules = dict(self.strategy.trainable())
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
@@ -84,8 +98,8 @@ class Engine:
                                        for g in groups], lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.optimizer = self.backend.prepare(self.teacher, self.modules, optimizer, t.batch_size)
         # FLOPs per input token (teacher forward 2P, trained parameters forward and backward 6P)
-        runs_forward = self.teacher is not None and self.teacher.model is not None and getattr(self.teacher, "runs_forward", True)
-        teacher_params = sum(p.numel() for p in self.teacher.model.parameters()) if runs_forward else 0
+        model = self.teacher.model if self.teacher is not None and getattr(self.teacher, "runs_forward", True) else None
+        teacher_params = sum(p.numel() for p in model.parameters()) if model is not None else 0
         self.flops_per_token = 2 * teacher_params + 6 * sum(p.numel() for p in params)
         self.skipped_steps = 0
         self.best_metric = t.best_metric or next((e.best_metric for e in self.evaluators if e.best_metric), None)
@@ -116,11 +130,10 @@ class Engine:
         """Train. `resume`: from the newest checkpoint that loads (falling back with a warning);
         `resume_from`: from exactly that checkpoint or fail; `force`: accept a changed recipe or data."""
         resume_from = Path(resume_from) if resume_from is not None else None
-        strategy = self.plan.one("strategy")
-        if strategy.entry.cls.chain:
+        if required(self.plan.one("strategy")).entry.cls.chain:
             if resume_from is not None:
                 raise KdistillError("--resume-from: a chain of stages resumes with --resume")
-            return strategy.build().run_chain(self.plan, StageRunner(self), resume, overwrite, force)
+            return required(self.plan.build("strategy", Strategy)).run_chain(self.plan, StageRunner(self), resume, overwrite, force)
         start_from = run_folder.start_point(self.out, resume, overwrite, resume_from)
         self.build()  # bad input fails here, before anything in the output folder changes
         if overwrite and self.is_main:
@@ -209,6 +222,8 @@ class Engine:
         t, backend = self.recipe.train, self.backend
         for group in self.optimizer.param_groups:
             group["lr"] = t.lr * group.get("lr_scale", 1.0) * self.scheduler(step, t.steps)
+        scheduled = apply_schedules(self.context.losses, self.weights, step, t.steps)
+        self.context.step, self.context.total_steps = step, t.steps
         batches = [self.micro_batch(step * t.grad_accum + j) for j in range(t.grad_accum)]
         counted, inputs = (int(x) for x in backend.all_sum([sum(int(b.mask.sum()) for b in batches),
                                                             sum(b.input_ids.numel() for b in batches)]))
@@ -227,8 +242,8 @@ class Engine:
         names = sorted(terms)
         summed = backend.all_sum([total] + [terms[n] for n in names])
         total, terms = summed[0], dict(zip(names, summed[1:]))
-        metrics = {"train/loss": total, "train/lr": self.optimizer.param_groups[0]["lr"], **terms, "_tokens": counted,
-                   "_inputs": inputs}
+        metrics = {"train/loss": total, "train/lr": self.optimizer.param_groups[0]["lr"], **terms, **scheduled,
+                   "_tokens": counted, "_inputs": inputs}
         grad_norm = backend.clip_gradients(self.optimizer, t.grad_clip)
         if grad_norm is not None:
             metrics["train/grad_norm"] = grad_norm

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class KdistillError(Exception):
     """A problem in the user's input: reported plainly, exit code 2, nothing written."""
@@ -25,10 +27,10 @@ class ComponentError(KdistillError):
     exit_code = 1
 
 
-def blame(exc: Exception, entries, where_step: str, kept: str = "") -> ComponentError:
+def blame(exc: Exception, entries: Any, where_step: str, kept: str = "") -> ComponentError:
     """Name the plugin whose code raised: the innermost traceback frame inside a registered component's
     module (or, for third-party plugins, its top-level package). `entries`: the registry's entries."""
-    modules: dict[str, object] = {}
+    modules: dict[str, Any] = {}
     for entry in entries:
         module = entry.cls.__module__
         modules.setdefault(module, entry)

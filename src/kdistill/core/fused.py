@@ -20,7 +20,7 @@ products run in the low-precision dtype, the loss math in float32.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def fused_supported(model: nn.Module) -> bool:
+def fused_supported(model: Any) -> bool:
     """A causal LM whose logits are exactly `final_hidden @ W.T` (no bias, scale or soft-capping)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
@@ -58,7 +58,7 @@ def fused_supported(model: nn.Module) -> bool:
             and getattr(config, "logits_scaling", None) is None and not getattr(config, "output_multiplier_scale", None))
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ModelOutputs:
+def final_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ModelOutputs:
     """The last hidden states (after the final norm) and the output projection weight."""
     base = getattr(model, model.base_model_prefix)
     out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -138,14 +138,14 @@ class TeacherRows:
         """The same rows with another (e.g. low-precision) output weight for the projection."""
         if weight is rows.weight:
             return rows
-        other = TeacherRows(None, rows.hidden)
+        other = TeacherRows(None, rows.hidden)  # type: ignore[arg-type]  # filled in below
         other.hidden, other.weight = rows.hidden, weight
         return other
 
     def chunk(self, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor | SparseTargets | None:
         """The teacher's rows start:stop; projected logits go into `buffer` when one is given."""
         with torch.no_grad():
-            if self.hidden is not None:
+            if self.hidden is not None and self.weight is not None:
                 return project(self.hidden[start:stop], self.weight, buffer)
             if self.logits is not None:
                 return _upcast(self.logits[start:stop])

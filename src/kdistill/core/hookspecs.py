@@ -21,7 +21,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 def _registration_spec(kind: Kind):
-    def spec() -> Sequence[type]:
+    def spec() -> Sequence[type]:  # type: ignore[empty-body]  # a spec: plugins implement it
         ...
     spec.__name__ = spec.__qualname__ = kind.hook
     spec.__doc__ = f"Return {kind.title.lower()} classes (subclasses of `kdistill.{kind.base.__name__}`)."

@@ -21,6 +21,10 @@ from kdistill.core.paths import resolve_path
 
 log = logging.getLogger("kdistill")
 
+# a transformers causal LM: kdistill reads its `config` and calls its own methods (get_output_embeddings,
+# save_pretrained, ...), which nn.Module's typing does not know, so it is typed loosely
+LM = Any
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,7 +52,7 @@ def _refuse_custom_code(path: Path, field: str, trust_remote_code: bool) -> None
 
 
 def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtype: str = "float32",
-                   trust_remote_code: bool = False, quantization: str = "none", double_quant: bool = True) -> nn.Module:
+                   trust_remote_code: bool = False, quantization: str = "none", double_quant: bool = True) -> LM:
     """A local folder (safetensors) or a GGUF file, dequantized and cast to `dtype`; with
     `quantization` nf4/fp4/int8, re-quantized by bitsandbytes (computing in `dtype`)."""
     from transformers import AutoModelForCausalLM
@@ -74,7 +78,7 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
         shapes = _skeleton(path, trust_remote_code) if quantization in ("nf4", "fp4") else None
         kwargs.update(_bitsandbytes(field, quantization, double_quant, dtype, shapes))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        loaded: LM = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{field}: cannot load a model from {target}: {str(exc).splitlines()[0]}") from None
     if gguf_file:
@@ -96,7 +100,7 @@ BNB_4BIT_BLOCK = 64
 BNB_CPU_PACK_ROWS = 32
 
 
-def _skeleton(path: Path, trust_remote_code: bool) -> nn.Module:
+def _skeleton(path: Path, trust_remote_code: bool) -> LM:
     """The model's modules on the meta device (shapes only, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -108,7 +112,7 @@ def _skeleton(path: Path, trust_remote_code: bool) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def _unpackable_4bit_layers(model: nn.Module, field: str) -> list[str]:
+def _unpackable_4bit_layers(model: LM, field: str) -> list[str]:
     """Linear layers that bitsandbytes' packed 4-bit CPU kernel cannot take, to keep unquantized; with
     one warning naming them. Empty for every model whose widths are multiples of 64 (real LLMs)."""
     head = model.get_output_embeddings()
@@ -126,18 +130,18 @@ def _unpackable_4bit_layers(model: nn.Module, field: str) -> list[str]:
     return names
 
 
-def _default_skips(model: nn.Module) -> list[str]:
+def _default_skips(model: LM) -> list[str]:
     """What transformers keeps unquantized by default (the output head and tied weights); naming skip
     modules replaces that default, so it is added back."""
     try:
         from transformers.quantizers.base import get_keys_to_not_convert
     except ImportError:  # transformers < 5
-        from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+        from transformers.integrations.bitsandbytes import get_keys_to_not_convert  # type: ignore[attr-defined,no-redef]
     return list(get_keys_to_not_convert(model))
 
 
 def _bitsandbytes(field: str, quantization: str, double_quant: bool, dtype: str,
-                  shapes: nn.Module | None = None) -> dict[str, Any]:
+                  shapes: LM | None = None) -> dict[str, Any]:
     """transformers' loading options for bitsandbytes; `shapes` (the model, or its meta-device
     skeleton) lets 4-bit quantization keep the layers its CPU kernel cannot take unquantized."""
     try:
@@ -156,7 +160,7 @@ def _bitsandbytes(field: str, quantization: str, double_quant: bool, dtype: str,
     return {"quantization_config": config, "device_map": device, "dtype": DTYPES[dtype]}
 
 
-def _requantize(model: nn.Module, field: str, quantization: str, double_quant: bool, dtype: str) -> nn.Module:
+def _requantize(model: LM, field: str, quantization: str, double_quant: bool, dtype: str) -> nn.Module:
     """transformers cannot apply bitsandbytes to a GGUF file directly: write the dequantized weights
     to a temporary safetensors folder and load that quantized."""
     import tempfile
@@ -185,7 +189,7 @@ def load_tokenizer(model: str, field: str, *, gguf_file: str | None = None, trus
         raise ConfigError(f"{field}: cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def decoder_layers(model: LM) -> tuple[str, nn.ModuleList]:
     """The ModuleList of transformer blocks (`model.layers`, `transformer.h`, ...) and its name."""
     n = getattr(model.config, "num_hidden_layers", None)
     for name, module in model.named_modules():
@@ -194,7 +198,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ConfigError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
-def dense_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def dense_weights(model: LM) -> dict[str, torch.Tensor]:
     """Parameters and buffers by name, with bitsandbytes-quantized linear weights dequantized
     (a student cut from a 4-bit or 8-bit teacher starts from what the teacher computes with)."""
     out: dict[str, torch.Tensor] = {}
@@ -227,7 +231,7 @@ def unpack_cpu_4bit(data: torch.Tensor, state) -> torch.Tensor:
     return state.code.float().to(data.device)[codes.long()] * scales
 
 
-def student_from_teacher(teacher: nn.Module, layers: list[int], dtype: str) -> nn.Module:
+def student_from_teacher(teacher: LM, layers: list[int], dtype: str) -> nn.Module:
     """A shallower copy of the teacher keeping `layers` (in order), embeddings and head included."""
     from transformers import AutoModelForCausalLM
 
@@ -257,7 +261,7 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], dtype: str) -> n
     return student.to(DTYPES[dtype])
 
 
-def build_student(spec, teacher_model: nn.Module | None, teacher_tokenizer):
+def build_student(spec, teacher_model: LM | None, teacher_tokenizer):
     """The student model and its tokenizer, from the recipe's `student` section."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -307,7 +311,7 @@ def check_shared_vocabulary(teacher_tokenizer, tokenizer, loss_classes) -> None:
                           "distributions token by token and need one vocabulary")
 
 
-def _check_vocab(model: nn.Module, tokenizer, field: str):
+def _check_vocab(model: LM, tokenizer, field: str):
     rows = model.get_input_embeddings().num_embeddings
     if rows < len(tokenizer):
         raise ConfigError(f"{field}: the model has {rows} token embeddings but the tokenizer has {len(tokenizer)} tokens")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
-from kdistill.core.components import KINDS, Component
+from kdistill.core.components import KINDS
 from kdistill.core.errors import RegistryError
 from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 
@@ -16,7 +16,7 @@ from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 class Entry:
     kind: str
     name: str
-    cls: type[Component]
+    cls: Any  # a subclass of the kind's base class (its class attributes are read: needs_teacher, provides, ...)
     plugin: str
     distribution: str
     version: str

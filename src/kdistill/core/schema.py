@@ -8,11 +8,12 @@ from pydantic.json_schema import models_json_schema
 
 from kdistill.core.config import SLOTS, Recipe
 from kdistill.core.registry import Registry
+from kdistill.core.schedule import Schedule
 
 
 def recipe_json_schema(registry: Registry) -> dict[str, Any]:
     """Recipe's own schema, with each component slot an `anyOf` of the installed components."""
-    schema = Recipe.model_json_schema(ref_template="#/$defs/{model}")
+    schema: dict[str, Any] = Recipe.model_json_schema(ref_template="#/$defs/{model}")
     defs: dict[str, Any] = schema.setdefault("$defs", {})
     entries = list(registry)
     keyed = [((e.kind, e.name), e.cls.Options) for e in entries]
@@ -32,7 +33,7 @@ def recipe_json_schema(registry: Registry) -> dict[str, Any]:
                 "options": options_schema,
             }
             if slot == "losses":
-                props["weight"] = {"type": "number", "minimum": 0, "default": 1.0}
+                props["weight"] = {"anyOf": [{"type": "number", "minimum": 0}, Schedule.model_json_schema()], "default": 1.0}
             variants.append({
                 "type": "object",
                 "title": f"{kind} {entry.name}",
@@ -40,7 +41,7 @@ def recipe_json_schema(registry: Registry) -> dict[str, Any]:
                 "required": ["name", "options"] if required_options else ["name"],
                 "additionalProperties": False,
             })
-        one = {"anyOf": variants} if variants else {"not": {}}
+        one: dict[str, Any] = {"anyOf": variants} if variants else {"not": {}}
         if many:
             schema["properties"][slot] = {"type": "array", "items": one}
         elif slot in Recipe.model_fields and not Recipe.model_fields[slot].is_required() and Recipe.model_fields[slot].default is None:

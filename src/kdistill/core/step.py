@@ -17,9 +17,10 @@ from pydantic import Field
 from torch import nn
 
 from kdistill.core.capture import capture, num_layers
-from kdistill.core.components import Batch, FeatureLoss, LogitLoss, ModelOutputs, Needs, Options, TrainContext
+from kdistill.core.components import Batch, FeatureLoss, LayerMap, LogitLoss, ModelOutputs, Needs, Options, TrainContext
 from kdistill.core.errors import KdistillError
 from kdistill.core.fused import TeacherRows, final_hidden, fused_logit_loss, fused_supported
+from kdistill.core.models import LM
 
 log = logging.getLogger("kdistill")
 
@@ -34,7 +35,7 @@ class StepOptions(Options):
                                      "(default: ~96 MiB of float32 logits, a multiple of 32)")
 
 
-def use_eager_attention(model: nn.Module, who: str) -> None:
+def use_eager_attention(model: LM, who: str) -> None:
     """Attention maps exist only with the eager implementation (sdpa returns none)."""
     if getattr(model.config, "_attn_implementation", None) != "eager":
         if hasattr(model, "set_attn_implementation"):
@@ -51,10 +52,11 @@ class FeatureBridge(nn.Module):
 
     def __init__(self, n_layers: int, d_student: int, d_teacher: int, mixer: nn.Module | None):
         super().__init__()
-        self.projectors = nn.ModuleList(nn.Linear(d_student, d_teacher, bias=False) for _ in range(n_layers))
+        projectors = [nn.Linear(d_student, d_teacher, bias=False) for _ in range(n_layers)]
         if d_student == d_teacher:  # start from the identity: a student cut from the teacher already matches
-            for projector in self.projectors:
+            for projector in projectors:
                 nn.init.eye_(projector.weight)
+        self.projectors = nn.ModuleList(projectors)
         self.mixer = mixer
 
 
@@ -85,15 +87,12 @@ class LossStep:
         self.teacher_outputs = teacher_outputs
         self.last_student: ModelOutputs | None = None
         self._teacher_needed = any(loss.needs_teacher for _, _, loss in context.losses)
-        self._logit_losses = [item for item in context.losses if isinstance(item[2], LogitLoss)]
-        self._feature_losses = [item for item in context.losses if isinstance(item[2], FeatureLoss)]
-        self._other_losses = [item for item in context.losses if not isinstance(item[2], (LogitLoss, FeatureLoss))]
         # a plain loss reading full logits would need them anyway: then the plain path is cheaper
         self.use_fused = (options.fused and bool(self._logit_losses) and fused_supported(context.student)
                           and not any(loss.needs_logits for _, _, loss in self._other_losses))
         log.info("logit losses on the %s path", "fused, chunked" if self.use_fused else "full-logits")
         self.bridge: FeatureBridge | None = None
-        self.layer_map = None
+        self.layer_map: LayerMap | None = None
         self._s_hidden: tuple[int, ...] = ()
         self._s_attention: tuple[int, ...] = ()
         self._t_hidden: tuple[int, ...] = ()
@@ -101,10 +100,24 @@ class LossStep:
         if self._feature_losses:
             self._setup_features(context)
 
+    # read from the context at every call: the engine sets scheduled weights before each step
+    @property
+    def _logit_losses(self):
+        return [item for item in self.context.losses if isinstance(item[2], LogitLoss)]
+
+    @property
+    def _feature_losses(self):
+        return [item for item in self.context.losses if isinstance(item[2], FeatureLoss)]
+
+    @property
+    def _other_losses(self):
+        return [item for item in self.context.losses if not isinstance(item[2], (LogitLoss, FeatureLoss))]
+
     def _setup_features(self, context: TrainContext) -> None:
         if context.teacher is None or context.layer_mapper is None:
             raise KdistillError("losses: feature losses need a teacher and a layer_mapper")
-        student, teacher = context.student, context.teacher.model
+        student: LM = context.student
+        teacher: LM = context.teacher.model
         self.layer_map = context.layer_mapper.build(num_layers(student), num_layers(teacher))
         uses = {loss.uses for _, _, loss in self._feature_losses}
         if "hidden" in uses:
@@ -134,10 +147,9 @@ class LossStep:
         if self.use_fused and not fused_supported(student):  # e.g. partitioned by ZeRO-3 after setup
             self.use_fused = False
             log.info("logit losses on the full-logits path (the output projection is partitioned)")
-        want_teacher = self._teacher_needed and self.teacher_outputs is not None
         needs = Needs(logits=not self.use_fused, final_hidden=self.use_fused,
                       hidden_layers=self._t_hidden, attention_layers=self._t_attention)
-        teacher_out = self.teacher_outputs(batch, needs) if want_teacher else None
+        teacher_out = self.teacher_outputs(batch, needs) if self._teacher_needed and self.teacher_outputs is not None else None
         with capture(student, self._s_hidden, self._s_attention) as captured:
             if self.use_fused:
                 student_out = final_hidden(student, batch.input_ids, batch.attention_mask)
@@ -147,9 +159,10 @@ class LossStep:
         self.last_student = student_out
         total, terms = 0.0, {}
         if self.use_fused:
-            mask = batch.mask
-            total, terms = fused_logit_loss(student_out.final_hidden[mask], student_out.output_weight, TeacherRows(teacher_out, mask),
-                                            batch.labels[mask], self._logit_losses, self.options.chunk_tokens)
+            mask, hidden, weight = batch.mask, student_out.final_hidden, student_out.output_weight
+            assert hidden is not None and weight is not None  # final_hidden() gives both
+            total, terms = fused_logit_loss(hidden[mask], weight, TeacherRows(teacher_out, mask), batch.labels[mask],
+                                            self._logit_losses, self.options.chunk_tokens)
             rest = self._other_losses
         else:
             rest = self._logit_losses + self._other_losses

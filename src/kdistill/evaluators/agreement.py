@@ -32,9 +32,8 @@ class Agreement(kdistill.Evaluator):
 
     name = "agreement"
 
-    class Options(kdistill.Options):
+    class Options(kdistill.ConstantTemperatureOptions):  # the temperature of the KL and the correlation
         k: int = Field(5, ge=1, description="size of the top-k sets compared")
-        temperature: float = Field(1.0, gt=0, description="temperature of the KL and the correlation")
 
     provides = ("val/agreement_top1", "val/agreement_topk", "val/kl_teacher_student", "val/prob_correlation")
 

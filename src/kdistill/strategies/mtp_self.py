@@ -44,11 +44,12 @@ class MTPSelf(kdistill.Strategy):
     name = "mtp-self"
     needs_teacher = False
 
-    class Options(StepOptions):
+    class Options(StepOptions, kdistill.TemperatureOptions):
         n_future: int = Field(2, ge=1, description="auxiliary heads (predicting 2 .. n_future + 1 tokens ahead)")
         aux_weight: float = Field(0.3, ge=0, description="weight of the auxiliary heads' cross-entropy")
         distill_weight: float = Field(0.1, ge=0, description="weight of distilling the main head into the auxiliary heads")
-        temperature: float = Field(2.0, gt=0, description="temperature of that distillation (scaled by T^2)")
+        temperature: kdistill.Scheduled = Field(2.0, description="temperature of that distillation (scaled by T^2), "
+                                                "or a schedule of it over the steps")
 
     def setup(self, context):
         super().setup(context)
@@ -73,7 +74,7 @@ class MTPSelf(kdistill.Strategy):
 
     def auxiliary(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
         """(summed cross-entropy, summed T^2-scaled KL) of the auxiliary heads over their counted positions."""
-        T = self.options.temperature
+        T = kdistill.value_at(self.options.temperature, self.context.step, self.context.total_steps)
         with torch.no_grad():
             main = hidden.detach() @ weight.detach().T  # main[:, i] predicts labels[:, i]
         ce = kl = hidden.new_zeros((), dtype=torch.float32)

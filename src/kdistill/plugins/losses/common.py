@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
 
 import kdistill
 from kdistill import SparseTargets
@@ -140,8 +139,7 @@ def mixture_log(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> to
     return torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)).masked_fill(both, float("-inf"))
 
 
-class TemperatureOptions(kdistill.Options):
-    temperature: float = Field(1.0, gt=0, description="softening temperature T; the loss is scaled by T^2")
+TemperatureOptions = kdistill.TemperatureOptions  # the one declaration, in kdistill's core
 
 
 class Divergence(kdistill.LogitLoss):
@@ -156,6 +154,6 @@ class Divergence(kdistill.LogitLoss):
         raise NotImplementedError
 
     def rows(self, student, teacher, labels):
-        temp = self.options.temperature
+        temp = self.temperature
         log_ps, log_pt = distribution_bins(student, teacher, temp)
         return self.divergence(log_ps, log_pt) * (temp * temp)

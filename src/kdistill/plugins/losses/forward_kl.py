@@ -23,7 +23,7 @@ class ForwardKL(Divergence):
         # analytic, in blocks of the vocabulary, the gradient written over the student's chunk (the
         # fused path hands over chunks it no longer needs): value T^2 sum p_t (log p_t - log p_s),
         # gradient T (p_s - p_t). Only three block-sized temporaries, which stay in cache.
-        temp = self.options.temperature
+        temp = self.temperature
         s, t = student.detach(), teacher.detach()
         s_shift, s_log_total = log_normalizer(s, temp)
         t_shift, t_log_total = log_normalizer(t, temp)

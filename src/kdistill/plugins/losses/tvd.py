@@ -16,7 +16,7 @@ class TVD(kdistill.LogitLoss):
 
     def rows(self, student, teacher, labels):
         s, t = shared_vocab(student, upcast(teacher))
-        temp = self.options.temperature
+        temp = self.temperature
         return 0.5 * (tempered_log_softmax(t, temp).exp() - tempered_log_softmax(s, temp).exp()).abs().sum(-1)
 
 

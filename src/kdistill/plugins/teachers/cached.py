@@ -34,12 +34,10 @@ class CachedTeacher(kdistill.TeacherProvider):
     name = "cached"
     runs_forward = False  # the engine counts no teacher FLOPs per step
 
-    class Options(kdistill.Options):
+    class Options(kdistill.ConstantTemperatureOptions):  # the temperature the log-probabilities are computed at
         path: str = Field(description="the cache folder")
         source: HFTeacher.Options | None = Field(None, description="the live teacher the cache is computed from")
         k: int = Field(64, ge=1, description="log-probabilities kept per position")
-        temperature: float = Field(1.0, gt=0, description="temperature the log-probabilities are computed at; "
-                                   "the logit losses must use the same")
         shard_sequences: int = Field(256, ge=1, description="sequences per shard file")
         load_source: bool = Field(False, description="also load the source model's weights (for a from_teacher "
                                   "student and teacher metrics); it never runs in a training step")
@@ -65,8 +63,13 @@ class CachedTeacher(kdistill.TeacherProvider):
                 if not loss.supports_sparse:
                     raise ConfigError(f"losses: '{name}' is not defined on top-k targets; with a cached teacher use "
                                       "forward-kl, reverse-kl, jsd or skew-kl")
-                t = getattr(loss.options, "temperature", None)
-                if t is not None and abs(t - self.options.temperature) > 1e-9 * t:
+                if not isinstance(loss.options, kdistill.TemperatureOptions):
+                    continue
+                t = loss.options.temperature
+                if isinstance(t, kdistill.Schedule):
+                    raise ConfigError(f"losses: '{name}' schedules its temperature but the cached teacher's targets "
+                                      f"are at one temperature, {self.options.temperature} (teacher.options.temperature)")
+                if abs(t - self.options.temperature) > 1e-9 * t:
                     raise ConfigError(f"losses: '{name}' uses temperature {t} but the cached teacher's is "
                                       f"{self.options.temperature} (teacher.options.temperature)")
         expected = {"data_fingerprint": data.fingerprint(), "tokenizer": vocab_digest(tokenizer), "k": self.options.k,
