@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import kdistill
+from conftest import cut_after, numeric_grad, tiny_recipe
 from kdistill.core import fused
 from kdistill.core.fused import TeacherRows, budget_chunk, chunk_tensors, fused_logit_loss
 from kdistill.plugins.losses import common
@@ -27,8 +28,6 @@ from kdistill.plugins.losses.logit_mse import LogitMSE
 from kdistill.plugins.losses.reverse_kl import ReverseKL
 from kdistill.plugins.losses.skew_kl import SkewKL
 from kdistill.plugins.losses.tvd import TVD
-
-from conftest import cut_after, numeric_grad, tiny_recipe
 
 NEEDS_CUDA = "needs a CUDA GPU; benchmarks/gpu_check.py runs them"
 HAS_CUDA = torch.cuda.is_available()

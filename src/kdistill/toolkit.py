@@ -2,7 +2,7 @@
 
 A plugin imports `kdistill` (component base classes, the data passed between them, `hookimpl`,
 errors) and this module; nothing else inside kdistill. kdistill's own built-in plugins, strategies
-and evaluators are held to the same rule (tests/test_layering.py checks it).
+and evaluators are held to the same rule (tests/core/test_layering.py checks it).
 
 - The recipe's losses on a micro-batch, logit losses on the fused path (chunks from hidden states,
   no full logits): `LossStep` with `StepOptions` (a strategy composes one; `weighted_losses` for

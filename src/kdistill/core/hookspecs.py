@@ -4,7 +4,7 @@ Registration hooks return component classes (not instances); each class declares
 is one per kind of component, made from `components.KINDS`; `kd_register_commands` adds commands
 to the command line.
 Lifecycle hooks are called once per event for callbacks (logging, alerts); they never run per
-micro-batch. Every hook is documented in docs/hooks.md and exercised in tests/test_hooks.py.
+micro-batch. Every hook is documented in docs/hooks.md and exercised in tests/core/test_hooks.py.
 """
 
 from __future__ import annotations

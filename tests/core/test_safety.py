@@ -10,7 +10,7 @@ import pytest
 
 from conftest import engine_for
 
-PACKAGE = Path(__file__).resolve().parent.parent / "src" / "kdistill"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "kdistill"
 
 
 def test_no_unsafe_deserialisation_in_the_package():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(shutil.which("lint-imports") is None,
@@ -39,7 +39,7 @@ def test_core_imports_nothing_above_it_even_inside_functions():
 
 def test_no_test_module_imports_another():
     found = []
-    for path in sorted(ROOT.glob("tests/*.py")) + sorted(ROOT.glob("examples/*/tests/*.py")):
+    for path in sorted(ROOT.glob("tests/**/*.py")) + sorted(ROOT.glob("examples/*/tests/*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []

@@ -16,7 +16,7 @@ from kdistill.core.engine import Engine
 from kdistill.core.plugins import make_plugin_manager
 from kdistill.core.registry import Registry
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 SPECS = sorted(name for name, fn in vars(hookspecs).items() if name.startswith("kd_") and callable(fn))
 
 
