@@ -323,3 +323,25 @@ def test_online_refuses_a_quantized_teacher_it_could_not_train(recipe_factory):
     with pytest.raises(KdistillError) as err:
         engine_for(raw).run()
     assert str(err.value) == "teacher.options.quantization: an online teacher trains, so it cannot be quantized"
+
+
+def test_the_fused_paths_options_reach_it_and_change_only_the_chunk(recipe_factory, monkeypatch):
+    import kdistill.core.step as step_module
+
+    seen = []
+    original = step_module.fused_logit_loss
+
+    def spy(*args, **kwargs):
+        seen.append((args[5], kwargs))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(step_module, "fused_logit_loss", spy)
+    results = []
+    for options in ({}, {"memory_budget_mib": 0.01}, {"chunk_tokens": 3}):
+        raw = recipe_factory(steps=1, eval_every=0)
+        raw["evaluators"] = []
+        raw["strategy"] = {"name": "offline", "options": options}
+        engine = engine_for(raw)
+        engine.build()
+        results.append(engine.train_step(0)["train/loss"])
+    assert [(chunk, kw["memory_budget_mib"]) for chunk, kw in seen] == [(None, None), (None, 0.01), (3, None)]
+    assert results[1] == pytest.approx(results[0], rel=1e-5) and results[2] == pytest.approx(results[0], rel=1e-5)

@@ -31,8 +31,11 @@ class StepOptions(Options):
     """Options of every strategy that computes the recipe's losses with a `LossStep`."""
 
     fused: bool = Field(True, description="compute logit losses in chunks from hidden states when the model allows")
-    chunk_tokens: int | None = Field(None, ge=1, description="positions per chunk on the fused path "
-                                     "(default: ~96 MiB of float32 logits, a multiple of 32)")
+    chunk_tokens: int | None = Field(None, ge=1, description="positions per chunk on the fused path; "
+                                     "when given it wins over memory_budget_mib")
+    memory_budget_mib: float | None = Field(None, gt=0, description="MiB for the fused path's chunk-sized tensors, "
+                                            "from which the chunk is chosen (default: 192 on CPU, 1024 on CUDA)")
+    compile: bool = Field(False, description="run each logit loss's element-wise part through torch.compile")
 
 
 def use_eager_attention(model: LM, who: str) -> None:
@@ -161,8 +164,10 @@ class LossStep:
         if self.use_fused:
             mask, hidden, weight = batch.mask, student_out.final_hidden, student_out.output_weight
             assert hidden is not None and weight is not None  # final_hidden() gives both
+            o = self.options
             total, terms = fused_logit_loss(hidden[mask], weight, TeacherRows(teacher_out, mask), batch.labels[mask],
-                                            self._logit_losses, self.options.chunk_tokens)
+                                            self._logit_losses, o.chunk_tokens, memory_budget_mib=o.memory_budget_mib,
+                                            compile=o.compile)
             rest = self._other_losses
         else:
             rest = self._logit_losses + self._other_losses
