@@ -9,7 +9,8 @@ and evaluators are held to the same rule (tests/core/test_layering.py checks it)
   the plain sum), or `fused_logit_loss` and its helpers directly.
 - Frozen models (a teacher, an EMA copy): `frozen_outputs`.
 - Hidden states and attention maps of chosen layers: `capture`, `num_layers`, `check_pairs`.
-- Models: `load_causal_lm`, `load_tokenizer`, `student_from_teacher`, `decoder_layers`.
+- Models: `load_causal_lm`, `load_tokenizer`, `student_from_teacher`, `decoder_layers`,
+  `choose_attention` (SDPA, or flash attention 2 on CUDA where installed).
 - Runs: `pick_device`, `seed_everything`.
 - Figures: `loss_curves`, `sweep_plot`, `histogram`, `bars` (headless PNG files).
 - Commands (from `kd_register_commands`): `recipe_path`, `plan_recipe`, `fail`, `track_side_run`, `SET_HELP`.
@@ -25,7 +26,7 @@ from kdistill.core.capture import attention_module, capture, num_layers
 from kdistill.core.components import check_pairs
 from kdistill.core.errors import KdistillError
 from kdistill.core.fused import TeacherRows, final_hidden, frozen_outputs, fused_logit_loss, fused_supported
-from kdistill.core.models import decoder_layers, load_causal_lm, load_tokenizer, student_from_teacher
+from kdistill.core.models import choose_attention, decoder_layers, load_causal_lm, load_tokenizer, student_from_teacher
 from kdistill.core.plots import bars, histogram, loss_curves, sweep_plot
 from kdistill.core.runtime import pick_device, seed_everything
 from kdistill.core.step import FeatureBridge, LossStep, StepOptions, use_eager_attention, weighted_losses
@@ -81,7 +82,7 @@ def track_side_run(plan, suffix: str, params: dict[str, Any], metrics: list[dict
 
 __all__ = [
     "RECIPES_DIR", "SET_HELP", "FeatureBridge", "LossStep", "StepOptions", "TeacherRows", "use_eager_attention",
-    "weighted_losses", "attention_module", "bars", "capture", "check_pairs",
+    "weighted_losses", "attention_module", "bars", "capture", "check_pairs", "choose_attention",
     "decoder_layers", "fail", "final_hidden", "frozen_outputs", "fused_logit_loss", "fused_supported", "histogram",
     "load_causal_lm", "load_tokenizer", "loss_curves", "num_layers", "pick_device", "plan_recipe", "recipe_path",
     "seed_everything", "student_from_teacher", "sweep_plot", "track_side_run",

@@ -262,3 +262,43 @@ def test_a_different_tokenizer_of_the_same_size_is_refused(recipe_factory, tiny_
     assert not (tmp_path / "run").exists()
     raw["losses"] = [{"name": "cross-entropy"}]  # no teacher logits compared: allowed
     engine_for(raw).run()
+
+
+def test_autocast_runs_the_forwards_in_bfloat16_and_the_loss_in_float32(recipe_factory, tmp_path):
+    import copy
+
+    losses = []
+    for autocast in ("none", "bfloat16"):
+        raw = recipe_factory(steps=1, eval_every=0, autocast=autocast)
+        raw["evaluators"] = []
+        raw["output_dir"] = str(tmp_path / autocast)
+        engine = engine_for(copy.deepcopy(raw))
+        engine.build()
+        seen = []
+
+        def record(module, args, out, seen=seen):
+            seen.append(out[0].dtype if isinstance(out, tuple) else out.dtype)
+        engine.student.model.layers[0].mlp.down_proj.register_forward_hook(record)  # a product: bfloat16 under autocast
+        engine.teacher.model.model.layers[0].mlp.down_proj.register_forward_hook(record)
+        metrics = engine.train_step(0)
+        assert set(seen) == {torch.bfloat16 if autocast == "bfloat16" else torch.float32}, autocast
+        assert all(p.dtype == torch.float32 for p in engine.student.parameters())  # weights stay float32
+        losses.append(metrics["train/loss"])
+    assert math.isfinite(losses[1]) and losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
+def test_attention_is_sdpa_on_cpu_and_flash_attention_on_cuda_where_installed(recipe_factory, monkeypatch):
+    import importlib.util
+
+    from kdistill.core.models import choose_attention
+
+    engine = engine_for(recipe_factory(steps=1))
+    engine.build()
+    assert engine.student.config._attn_implementation == "sdpa" and engine.teacher.model.config._attn_implementation == "sdpa"
+    asked = []
+    model = engine.student.to(torch.bfloat16)
+    monkeypatch.setattr(model, "set_attn_implementation", lambda choice: asked.append(choice))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert choose_attention(model, torch.device("cuda")) == "flash_attention_2" and asked == ["flash_attention_2"]
+    assert choose_attention(model, torch.device("cpu")) == "sdpa"

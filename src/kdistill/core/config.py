@@ -91,6 +91,8 @@ class TrainSpec(StaticModel):
     seed: int = 0
     num_threads: PositiveInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    autocast: Literal["none", "bfloat16"] = Field("none", description="run the training step's forward passes (student "
+                                                  "and teacher) under torch.autocast in bfloat16; the loss math stays float32")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient norm stops the run, "
                                                    "or skips that step's update")
     best_metric: str | None = Field(None, description="metric to keep the best checkpoint by (lower is better); "

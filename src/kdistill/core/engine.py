@@ -1,10 +1,9 @@
 """The training loop: steps, accumulation, clipping, evaluation, checkpoints, metrics, progress.
 
-The engine knows no technique by name: it builds the components a recipe names and calls them.
-Losses return sums over counted positions; the engine divides by the number of counted positions
-in the whole optimizer step, so accumulation over micro-batches equals one larger batch exactly.
-How the step executes (one process or DeepSpeed) is the backend's (`backends.py`); the output
-folder's rules are `run_folder.py`'s; what the run prints and leaves behind is `summary.py`'s.
+The engine knows no technique by name: it builds the components a recipe names and calls them. Losses
+return sums over counted positions; the engine divides by the count over the whole optimizer step, so
+accumulation over micro-batches equals one larger batch exactly. How a step executes (one process or
+DeepSpeed) is `backends.py`'s; the output folder's rules `run_folder.py`'s; what a run shows `summary.py`'s.
 """
 
 from __future__ import annotations
@@ -19,34 +18,20 @@ import torch
 
 from kdistill.__about__ import __version__
 from kdistill.core import checkpoint as ckpt
+from kdistill.core import components as kinds
 from kdistill.core import run_folder, summary
 from kdistill.core.backends import make_backend
-from kdistill.core.components import (
-    DataSource,
-    EvalContext,
-    Evaluator,
-    LayerMapper,
-    Loss,
-    Needs,
-    Scheduler,
-    Strategy,
-    TeacherProvider,
-    Tracker,
-    TrainContext,
-)
 from kdistill.core.config import Plan, _typed, apply_overrides, load_recipe, required, resolve
 from kdistill.core.errors import KdistillError, blame
-from kdistill.core.models import build_student, check_shared_vocabulary
+from kdistill.core.models import build_student, check_shared_vocabulary, choose_attention
 from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 from kdistill.core.registry import Registry
 from kdistill.core.runtime import seed_everything
 from kdistill.core.schedule import apply_schedules, value_at
 
 # recipe fields whose change alters a resumed run's result
-RESULT_FIELDS = ("student", "teacher", "strategy", "data", "losses", "layer_mapper", "scheduler", "train.steps",
-                 "train.lr", "train.batch_size", "train.grad_accum", "train.grad_clip", "train.weight_decay",
-                 "train.betas", "train.seed")
-flatten = summary.flatten  # kept importable from here
+RESULT_FIELDS = ("student", "teacher", "strategy", "data", "losses", "layer_mapper", "scheduler", "train.steps", "train.lr",
+                 "train.batch_size", "train.grad_accum", "train.grad_clip", "train.weight_decay", "train.betas", "train.seed", "train.autocast")
 
 
 class Engine:
@@ -67,7 +52,7 @@ class Engine:
         seed_everything(t.seed)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        self.teacher = plan.build("teacher", TeacherProvider)
+        self.teacher = plan.build("teacher", kinds.TeacherProvider)
         if self.teacher is not None:
             with self.console.status("loading the teacher"):
                 self.teacher.load(self.device)
@@ -75,20 +60,21 @@ class Engine:
         self.student, self.tokenizer = build_student(recipe.student, self.teacher.model if self.teacher else None, teacher_tokenizer)
         check_shared_vocabulary(teacher_tokenizer, self.tokenizer, [item.entry.cls for item in plan.components["losses"]])
         self.student.to(self.device).train()
-        self.data = required(plan.build("data", DataSource))
+        choose_attention(self.student, self.device)
+        self.data = required(plan.build("data", kinds.DataSource))
         with self.console.status("reading and tokenizing the data"):
             self.data.setup(self.tokenizer, t.seed)
         self.weights = [item.weight for item in plan.components["losses"]]  # numbers or schedules
-        self.losses = [(item.entry.name, value_at(item.weight, 0, t.steps), _typed(item.build(), Loss))
+        self.losses = [(item.entry.name, value_at(item.weight, 0, t.steps), _typed(item.build(), kinds.Loss))
                        for item in plan.components["losses"]]
         if self.teacher is not None:
             self.teacher.prepare(self.data, self.tokenizer, self.losses)
-        self.scheduler = required(plan.build("scheduler", Scheduler))
-        self.evaluators = plan.build_all("evaluators", Evaluator)
-        self.tracker: Tracker | summary.NoTracker = required(plan.build("tracker", Tracker)) if self.is_main else summary.NoTracker()
-        self.strategy = required(plan.build("strategy", Strategy))
-        self.context = TrainContext(student=self.student, teacher=self.teacher, losses=self.losses, needs=Needs(),
-                                    layer_mapper=plan.build("layer_mapper", LayerMapper))
+        self.scheduler = required(plan.build("scheduler", kinds.Scheduler))
+        self.evaluators = plan.build_all("evaluators", kinds.Evaluator)
+        self.tracker: kinds.Tracker | summary.NoTracker = required(plan.build("tracker", kinds.Tracker)) if self.is_main else summary.NoTracker()
+        self.strategy = required(plan.build("strategy", kinds.Strategy))
+        self.context = kinds.TrainContext(student=self.student, teacher=self.teacher, losses=self.losses, needs=kinds.Needs(),
+                                    layer_mapper=plan.build("layer_mapper", kinds.LayerMapper))
         self.strategy.setup(self.context)
         self.modules = dict(self.strategy.trainable())
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
@@ -109,7 +95,7 @@ class Engine:
         return (b.to(self.device) for b in self.data.val_batches(size))
 
     def evaluate(self, phase: str = "during") -> dict[str, float]:
-        context = EvalContext(student=self.student, teacher=self.teacher, val_batches=self.val_batches, tokenizer=self.tokenizer,
+        context = kinds.EvalContext(student=self.student, teacher=self.teacher, val_batches=self.val_batches, tokenizer=self.tokenizer,
                               device=self.device, phase=phase, output_dir=self.out, log_artifact=self.tracker.log_artifact)
         metrics: dict[str, float] = {}
         for evaluator in self.evaluators:
@@ -117,7 +103,7 @@ class Engine:
         return metrics
 
     def _result_fields(self) -> dict[str, Any]:
-        flat = flatten(self.recipe.model_dump(mode="json"))
+        flat = summary.flatten(self.recipe.model_dump(mode="json"))
         fields = {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in RESULT_FIELDS)}
         return {**fields, **self.backend.result_fields()}
 
@@ -133,7 +119,7 @@ class Engine:
         if required(self.plan.one("strategy")).entry.cls.chain:
             if resume_from is not None:
                 raise KdistillError("--resume-from: a chain of stages resumes with --resume")
-            return required(self.plan.build("strategy", Strategy)).run_chain(self.plan, StageRunner(self), resume, overwrite, force)
+            return required(self.plan.build("strategy", kinds.Strategy)).run_chain(self.plan, StageRunner(self), resume, overwrite, force)
         start_from = run_folder.start_point(self.out, resume, overwrite, resume_from)
         self.build()  # bad input fails here, before anything in the output folder changes
         if overwrite and self.is_main:
@@ -149,7 +135,7 @@ class Engine:
         self.out.mkdir(parents=True, exist_ok=True)
         recipe = self.recipe.model_dump(mode="json")
         files = run_folder.write_run_files(self.out, recipe, self.registry) if self.is_main else []
-        self.tracker.start(self.recipe.run_name or self.out.name, flatten(recipe), str(self.out))
+        self.tracker.start(self.recipe.run_name or self.out.name, summary.flatten(recipe), str(self.out))
         for path in files if start_from is None else ():
             self.tracker.log_artifact(str(path))
         self.pm.hook.kd_run_started(recipe=recipe, output_dir=str(self.out))
@@ -231,7 +217,8 @@ class Engine:
         total = 0.0
         terms: dict[str, float] = {}
         for batch in batches:
-            loss, parts = self.strategy.loss(batch)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.autocast == "bfloat16"):
+                loss, parts = self.strategy.loss(batch)
             loss = loss / self.context.total_tokens
             if not backend.agree(bool(torch.isfinite(loss))):
                 return self._not_finite(step, f"the loss is {loss.item()}")
@@ -284,7 +271,7 @@ class StageRunner:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.flatten = flatten
+        self.flatten = summary.flatten
 
     def resolve(self, raw: dict[str, Any]) -> Plan:
         return resolve(raw, self.engine.registry)

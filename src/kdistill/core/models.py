@@ -294,6 +294,24 @@ def build_student(spec, teacher_model: LM | None, teacher_tokenizer):
     return _check_vocab(model, tokenizer, "student.config.vocab_size" if spec.config is not None else "student")
 
 
+def choose_attention(model: LM, device: torch.device) -> str:
+    """The attention kernel for `model` on `device`: flash attention 2 on CUDA for half-precision weights
+    when the flash_attn package is installed, else PyTorch's SDPA. (An attention loss switches its two
+    models to eager later: only eager returns attention maps.) Returns the choice."""
+    import importlib.util
+
+    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    flash = device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None
+    choice = "flash_attention_2" if flash else "sdpa"
+    if getattr(model.config, "_attn_implementation", None) != choice and hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation(choice)
+        except (ValueError, ImportError) as exc:  # a model without that kernel keeps its own
+            log.info("attention: %s not available for %s (%s)", choice, type(model).__name__, str(exc).splitlines()[0])
+            return str(getattr(model.config, "_attn_implementation", ""))
+    return choice
+
+
 def check_shared_vocabulary(teacher_tokenizer, tokenizer, loss_classes) -> None:
     """Comparing logits token by token needs one vocabulary: compare the tokenizers' vocabularies
     themselves (sizes alone would let two different tokenizers of one size through)."""

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill.toolkit import capture, frozen_outputs, load_causal_lm, load_tokenizer
+from kdistill.toolkit import capture, choose_attention, frozen_outputs, load_causal_lm, load_tokenizer
 
 
 class HFTeacher(kdistill.TeacherProvider):
@@ -33,6 +33,7 @@ class HFTeacher(kdistill.TeacherProvider):
                                     double_quant=o.double_quant)
         if o.quantization == "none":  # bitsandbytes places quantized weights itself
             self.model = self.model.to(device)
+        choose_attention(self.model, device)
         self.model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = load_tokenizer(o.model, "teacher.options.model", gguf_file=o.gguf_file,
