@@ -39,6 +39,11 @@ def test_version():
     assert result.stdout.strip() == f"kdistill {importlib.metadata.version('kdistill')}"
 
 
+def test_the_old_module_path_still_runs_the_command_line_until_0_2():
+    old = subprocess.run([sys.executable, "-m", "kdistill.core.cli", "recipes"], capture_output=True, text=True, timeout=300)
+    assert old.returncode == 0 and old.stdout == kdistill("recipes").stdout and "quickstart " in old.stdout
+
+
 def test_plugins_lists_builtins():
     result = kdistill("plugins")
     assert result.returncode == 0, result.stderr
