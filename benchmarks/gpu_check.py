@@ -171,7 +171,9 @@ def real_teacher(root: Path) -> dict:
         gguf = Path(kdistill.resolve_path(TEACHER_GGUF, "teacher.options.model"))
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.hf_quantizer = None  # dequantized already; save plain weights
+        model.hf_quantizer = None  # dequantized already; save plain weights, not a quantized checkpoint
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
     return {"teacher": str(folder), "corpus": str(kdistill.resolve_path(TEXT, "data.options.paths"))}
@@ -239,7 +241,8 @@ def step_loss(record: StepRecord, dry: bool, workdir: Path, limit: float) -> Non
             try:
                 row = measure(variant, vocab)
             except Exception as exc:  # one variant failing does not hide the others
-                row = {"variant": variant, "vocab": vocab, "error": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+                first = str(exc).splitlines()[0][:300] if str(exc) else ""
+                row = {"variant": variant, "vocab": vocab, "error": f"failed: {type(exc).__name__}: {first}"}
             rows.append(row)
             bench.add_ratios(rows)
             record.update_and_save(rows=rows)
@@ -593,6 +596,8 @@ def main() -> int:
     if unknown or not steps:
         parser.error(f"--steps: unknown step(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(STEPS)}")
     limits, total = (DRY_LIMITS, DRY_TOTAL_S) if dry else (GPU_LIMITS, GPU_TOTAL_S)
+    if args.real_pair:  # converting the GGUF teacher and CPU steps of the real models take minutes
+        limits, total = {**limits, "e2e": 400}, total + 400
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="kdistill-gpu-check-"))

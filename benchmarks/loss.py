@@ -181,8 +181,8 @@ def build(variant: str, vocab: int, shape: Shape | None = None, device: str = "c
                 teacher_chunks = [h @ wt.T for h in ht.view(nb, ns, shape.dt).chunk(8, dim=1)]
             loss = kl_w * loss_fn(student_chunks, teacher_chunks, labels.view(nb, ns))
             if with_ce:
-                loss = loss + ce_w * sum(F.cross_entropy(c.float().reshape(-1, vocab), l.reshape(-1), reduction="sum")
-                                         for c, l in zip(student_chunks, labels.view(nb, ns).chunk(8, dim=1))) / counted
+                loss = loss + ce_w * sum(F.cross_entropy(c.float().reshape(-1, vocab), y.reshape(-1), reduction="sum")
+                                         for c, y in zip(student_chunks, labels.view(nb, ns).chunk(8, dim=1))) / counted
             loss.backward()
     elif variant.startswith("liger"):  # default chunk of 1024 rows, or "-c128"; "-compiled": its torch.compile path
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -324,7 +324,8 @@ def run_cuda_variants(vocabs, variants, reps, shape: Shape | None = None, dtype:
             try:
                 rows.append(measure_cuda(variant, vocab, reps, shape, dtype, objective))
             except Exception as exc:  # one variant failing does not hide the others
-                rows.append({"variant": variant, "vocab": vocab, "error": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"})
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                rows.append({"variant": variant, "vocab": vocab, "error": f"failed: {type(exc).__name__}: {first}"})
             if log:
                 log(f"  measured {variant} at V={vocab}")
     return rows

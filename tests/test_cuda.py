@@ -142,7 +142,7 @@ def test_float64_reference_matches_central_differences():
     for cls, opts in LOSS_CASES:
         loss = make(cls, opts)
         _, grad = reference_rows_and_grad(loss, student, teacher, labels)
-        numeric = numeric_grad(lambda x: loss.rows(x, teacher, labels).sum().item(), student.clone())
+        numeric = numeric_grad(lambda x, loss=loss: loss.rows(x, teacher, labels).sum().item(), student.clone())
         assert torch.allclose(grad, numeric, atol=1e-6), cls.name
 
 
