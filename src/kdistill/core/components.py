@@ -23,7 +23,7 @@ IGNORE_INDEX = -100
 class Options(pydantic.BaseModel):
     """Options of a component: unknown fields are errors and instances are immutable."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Component:
@@ -308,6 +308,7 @@ class Evaluator(Component):
     kind = "evaluator"
     provides: ClassVar[tuple[str, ...]] = ()  # metric names it reports (for train.best_metric)
     best_metric: ClassVar[str | None] = None  # which of them keeps the best model when the recipe names none
+    needs_validation: ClassVar[bool] = True  # reads the data source's validation split
 
     def evaluate(self, context: "EvalContext") -> dict[str, float]:
         raise NotImplementedError
@@ -365,6 +366,12 @@ class DataSource(Component):
     def fingerprint(self) -> str:
         """A short digest of the data, for checkpoints and caches to check against."""
         raise NotImplementedError
+
+    @classmethod
+    def no_validation_split(cls, options: Options) -> str | None:
+        """Checked before anything loads: the option (`field: value`) that leaves these options without a
+        validation split, or None. Evaluators need one."""
+        return None
 
     def train_keys(self) -> torch.Tensor:
         """The keys of every training sequence, each once (for caching teacher outputs).

@@ -11,11 +11,11 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import yaml
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat
 from pydantic_core import PydanticCustomError
 
 from kdistill.core.components import KINDS, Component
@@ -25,7 +25,12 @@ from kdistill.core.schedule import NUMBER, SCHEDULE, Schedule, Scheduled
 
 
 class StaticModel(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# counts are integers, not booleans or strings that look like one (`steps: true` is not 1 step)
+PositiveCount = Annotated[int, Field(strict=True, gt=0)]
+Count = Annotated[int, Field(strict=True, ge=0)]
 
 
 class ComponentSpec(StaticModel):
@@ -54,7 +59,7 @@ class LossSpec(ComponentSpec):
 class FromTeacher(StaticModel):
     """Initialise the student from these teacher layers (DistilBERT-style)."""
 
-    layers: list[NonNegativeInt] = Field(min_length=1)
+    layers: list[Count] = Field(min_length=1)
 
 
 class StudentSpec(StaticModel):
@@ -76,20 +81,20 @@ class StudentSpec(StaticModel):
 
 
 class TrainSpec(StaticModel):
-    steps: PositiveInt
+    steps: PositiveCount
     lr: PositiveFloat = 3e-4
-    batch_size: PositiveInt = 8
-    grad_accum: PositiveInt = 1
+    batch_size: PositiveCount = 8
+    grad_accum: PositiveCount = 1
     grad_clip: PositiveFloat | None = 1.0
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eval_every: NonNegativeInt = 0
-    save_every: NonNegativeInt = 0
-    keep_checkpoints: PositiveInt = 2
-    log_every: PositiveInt = 1
-    eval_batch_size: PositiveInt | None = None
+    eval_every: Count = 0
+    save_every: Count = 0
+    keep_checkpoints: PositiveCount = 2
+    log_every: PositiveCount = 1
+    eval_batch_size: PositiveCount | None = None
     seed: int = 0
-    num_threads: PositiveInt | None = None
+    num_threads: PositiveCount | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     autocast: Literal["none", "bfloat16"] = Field("none", description="run the training step's forward passes (student "
                                                   "and teacher) under torch.autocast in bfloat16; the loss math stays float32")
@@ -125,7 +130,7 @@ class Recipe(StaticModel):
     evaluators: list[ComponentSpec] = Field(default_factory=list)
     tracker: ComponentSpec | None = Field(None, description=DEFAULTED.format(kind="tracker"))
     train: TrainSpec
-    output_dir: str
+    output_dir: str = Field(min_length=1, description="the run's folder (created); required")
     run_name: str | None = None
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
@@ -213,9 +218,36 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
+# values a recipe may expand to through YAML aliases: a few hundred in practice; a "billion laughs"
+# document of 1 KB expands to 10^9 and would exhaust memory in whatever walks it
+MAX_EXPANDED_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values `node` stands for once every alias is expanded (shared nodes counted each time they are used)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias counts once (the loader rejects it anyway)
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+        else:
+            total = 1
+        sizes[id(node)] = total
+    return sizes[id(node)]
+
+
 def parse_yaml(text: str, source: str = "<recipe>") -> Any:
     try:
-        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _RecipeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > MAX_EXPANDED_VALUES:
+                raise ConfigError(f"{source}: YAML aliases expand to more than {MAX_EXPANDED_VALUES:,} values; "
+                                  "refusing a recipe this large")
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -303,6 +335,14 @@ def dotted(loc: tuple[Any, ...] | list[Any]) -> str:
     return out or "recipe"
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """repr() of a value, cut to `limit` characters: an error line never renders a huge value."""
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > 20:
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)  # bounded: aliases cannot expand a recipe past MAX_EXPANDED_VALUES
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _describe(error: Any, prefix: tuple[Any, ...], fields: list[str]) -> str:
     loc = prefix + tuple(error["loc"])
     if error["type"] == "extra_forbidden":
@@ -317,7 +357,7 @@ def _describe(error: Any, prefix: tuple[Any, ...], fields: list[str]) -> str:
     if error["type"] == "missing":
         return f"{dotted(loc)}: required field is missing"
     if "input" in error and not isinstance(error.get("input"), dict):
-        return f"{dotted(loc)}: {error['msg']} (got {error.get('input')!r})"
+        return f"{dotted(loc)}: {error['msg']} (got {_short(error.get('input'))})"
     return f"{dotted(loc)}: {error['msg']}"
 
 
@@ -430,6 +470,15 @@ def _cross_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list
     if recipe.distributed.backend == "deepspeed" and recipe.train.on_nonfinite == "skip":
         problems.append("train.on_nonfinite: 'skip' is not available with distributed.backend deepspeed "
                         "(DeepSpeed's own loss scaler skips overflowing fp16 steps)")
+    weights = [item.weight for item in components.get("losses", [])]
+    if weights and all((w.bounds()[1] if isinstance(w, Schedule) else w) == 0 for w in weights):
+        problems.append("losses: every loss has weight 0; nothing would train")
+    data, evaluators = components.get("data") or [], components.get("evaluators") or []
+    needing = [e.entry.name for e in evaluators if e.entry.cls.needs_validation]
+    no_split = data[0].entry.cls.no_validation_split(data[0].options) if data else None
+    if needing and no_split:
+        problems.append(f"{no_split} leaves no validation split, which evaluator{'s' if len(needing) > 1 else ''} "
+                        f"{', '.join(repr(n) for n in needing)} need{'' if len(needing) > 1 else 's'}")
     strategy = components["strategy"][0]
     has_teacher = bool(components.get("teacher"))
     if strategy.entry.cls.needs_teacher and not has_teacher:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -67,8 +68,19 @@ def write_summary(out: Path, summary: dict[str, Any], tracker) -> dict[str, Any]
     for name in ("run_id", "tracking_uri"):
         if getattr(tracker, name, None):
             summary[f"mlflow_{name}"] = getattr(tracker, name)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
     return summary
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no token for them (Python's json would write bare NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def print_summary(console, summary: dict[str, Any]) -> None:

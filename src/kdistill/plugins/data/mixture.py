@@ -37,6 +37,10 @@ class Mixture(kdistill.DataSource):
         max_val_blocks: int | None = Field(256, ge=1, description="per source")
         encoding: str = "utf-8"
 
+    @classmethod
+    def no_validation_split(cls, options):
+        return "data.options.val_fraction: 0" if options.val_fraction == 0 else None
+
     def setup(self, tokenizer, seed: int) -> None:
         o = self.options
         self.parts = []

@@ -56,6 +56,10 @@ class TextFiles(kdistill.DataSource):
             start = end
         return ids
 
+    @classmethod
+    def no_validation_split(cls, options):
+        return "data.options.val_fraction: 0" if options.val_fraction == 0 else None
+
     def setup(self, tokenizer, seed: int) -> None:
         o = self.options
         ids: list[int] = []
