@@ -19,10 +19,17 @@ def resolve_path(value: str, field: str = "path") -> Path:
     if not value.startswith(PKG_SCHEME):
         return Path(value).expanduser()
     package, _, rest = value[len(PKG_SCHEME):].partition("/")
-    try:
-        spec = importlib.util.find_spec(package)
+    top, *inner = package.split(".")
+    try:  # a top-level name only: finding `a.b` would import (run) package `a`
+        spec = importlib.util.find_spec(top) if top.isidentifier() else None
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{field}: package '{package}' of {value} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    return Path(list(spec.submodule_search_locations)[0]) / rest
+        raise ConfigError(f"{field}: package '{package}' of {value} is not installed (pip install --no-deps {top.replace('_', '-')})")
+    base = Path(list(spec.submodule_search_locations)[0]).joinpath(*inner)
+    if inner and not base.is_dir():
+        raise ConfigError(f"{field}: package '{package}' of {value} is not installed (no folder {base})")
+    target = base / rest
+    if not target.resolve().is_relative_to(base.resolve()):
+        raise ConfigError(f"{field}: {value} leaves the package's folder ({base}); pkg:// paths stay inside it")
+    return target
