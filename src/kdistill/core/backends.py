@@ -17,6 +17,7 @@ from torch import nn
 
 from kdistill.core import checkpoint as ckpt
 from kdistill.core.components import Batch
+from kdistill.core.errors import RunFailed
 from kdistill.core.runtime import pick_device
 
 
@@ -52,20 +53,33 @@ class SingleProcess:
         loss.backward()
 
     def clip_gradients(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> float | None:
-        """Each parameter group clipped on its own (one group: the usual global clipping); returns the global norm."""
-        if grad_clip is None:
-            return None
-        norms = [float(torch.nn.utils.clip_grad_norm_(g["params"], grad_clip)) for g in optimizer.param_groups]
+        """Each parameter group clipped on its own (one group: the usual global clipping); returns the global
+        norm, measured whether or not clipping is on, so a non-finite gradient never reaches the weights."""
+        limit = math.inf if grad_clip is None else grad_clip
+        norms = [float(torch.nn.utils.clip_grad_norm_(g["params"], limit)) for g in optimizer.param_groups]
         return math.sqrt(sum(n * n for n in norms))
 
+    def non_finite(self, modules: Mapping[str, nn.Module]) -> str | None:
+        """The first parameter that is NaN or infinite (`module.name`), or None."""
+        return first_non_finite(modules)
+
     def update(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as exc:  # torch's optimizers cast the learning rate to the weights' dtype
+            if "overflow" not in str(exc):
+                raise
+            raise RunFailed(f"the optimizer overflowed at learning rate {optimizer.param_groups[0]['lr']:g} "
+                            f"(train.lr too large for the weights' dtype): {str(exc).splitlines()[0]}; "
+                            "stopping before it reaches the weights (last checkpoint kept)") from None
         optimizer.zero_grad(set_to_none=True)
 
     def save_student(self, student: nn.Module, tokenizer, target: Path) -> None:
+        refuse_non_finite({"student": student}, target)
         ckpt.atomic_save_pretrained(student, tokenizer, target)
 
     def save_checkpoint(self, root: Path, step: int, modules, optimizer, state: Mapping[str, Any], keep: int) -> None:
+        refuse_non_finite(modules, root / f"{ckpt.PREFIX}{step:08d}")
         ckpt.save_checkpoint(root, step, modules, optimizer, state, keep)
 
     def load_checkpoint(self, path: Path, modules, optimizer) -> dict[str, Any]:
@@ -120,6 +134,9 @@ class DeepSpeed:
     def clip_gradients(self, optimizer, grad_clip: float | None) -> float | None:
         return self._grad_norm if grad_clip is not None else None  # DeepSpeed clips (gradient_clipping)
 
+    def non_finite(self, modules) -> str | None:
+        return None  # partitioned under ZeRO; DeepSpeed's own loss scaler guards fp16 overflow
+
     def update(self, optimizer) -> None:
         pass
 
@@ -145,6 +162,21 @@ class DeepSpeed:
 
     def result_fields(self) -> dict[str, Any]:
         return {"world_size": self.world_size}  # ranks read different rows of each batch
+
+
+def first_non_finite(modules: Mapping[str, nn.Module]) -> str | None:
+    for prefix, module in modules.items():
+        for name, param in module.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                return f"{prefix}.{name}"
+    return None
+
+
+def refuse_non_finite(modules: Mapping[str, nn.Module], target: Path) -> None:
+    """Nothing non-finite is ever written: a checkpoint, best/ or final/ with NaN weights would poison every resume."""
+    bad = first_non_finite(modules)
+    if bad is not None:
+        raise RunFailed(f"{target}: not written, parameter {bad} is not finite")
 
 
 def make_backend(distributed, train) -> SingleProcess | DeepSpeed:

@@ -100,6 +100,8 @@ class TrainSpec(StaticModel):
                                                   "and teacher) under torch.autocast in bfloat16; the loss math stays float32")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/inf loss or gradient norm stops the run, "
                                                    "or skips that step's update")
+    max_skipped_share: float = Field(0.5, ge=0, le=1, description="with on_nonfinite: skip, a run that skips more than "
+                                     "this share of its steps stops with exit code 1")
     best_metric: str | None = Field(None, description="metric to keep the best checkpoint by (lower is better); "
                                     "default: the first evaluator's own choice (perplexity's: val/student_loss)")
 

@@ -22,7 +22,7 @@ from kdistill.core import components as kinds
 from kdistill.core import run_folder, summary
 from kdistill.core.backends import make_backend
 from kdistill.core.config import Plan, _typed, apply_overrides, load_recipe, required, resolve
-from kdistill.core.errors import KdistillError, blame
+from kdistill.core.errors import KdistillError, RunFailed, guarded
 from kdistill.core.models import build_student, check_shared_vocabulary, choose_attention
 from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 from kdistill.core.registry import Registry
@@ -191,13 +191,7 @@ class Engine:
 
     def _guarded(self, call, argument, where: str):
         """`call(argument)`; a component's exception becomes one error naming its plugin and `where`."""
-        try:
-            return call(argument)
-        except KdistillError:
-            raise
-        except Exception as exc:
-            latest, _ = ckpt.latest_complete(self.ckpt_root)
-            raise blame(exc, self.registry, where, f"; the last checkpoint ({latest}) is intact" if latest else "") from exc
+        return guarded(call, argument, where, self.registry, lambda: ckpt.latest_complete(self.ckpt_root)[0])
 
     def micro_batch(self, index: int):
         """This process's rows of global micro-batch `index` (all of it in a single process)."""
@@ -232,11 +226,14 @@ class Engine:
         metrics = {"train/loss": total, "train/lr": self.optimizer.param_groups[0]["lr"], **terms, **scheduled,
                    "_tokens": counted, "_inputs": inputs}
         grad_norm = backend.clip_gradients(self.optimizer, t.grad_clip)
-        if grad_norm is not None:
+        if grad_norm is not None and t.grad_clip is not None:
             metrics["train/grad_norm"] = grad_norm
-            if backend.update_pending and not math.isfinite(grad_norm):
-                return self._not_finite(step, f"the gradient norm is {grad_norm}")
+        if grad_norm is not None and backend.update_pending and not math.isfinite(grad_norm):
+            return self._not_finite(step, f"the gradient norm is {grad_norm}")
         backend.update(self.optimizer)
+        if (bad := backend.non_finite(self.modules)) is not None:  # finite gradients, overflowing update
+            raise RunFailed(f"step {step + 1}: the update made {bad} non-finite (train.lr {t.lr} too large?); "
+                            "stopping before it is saved (last checkpoint kept)")
         self.strategy.after_step()
         return metrics
 
@@ -245,9 +242,12 @@ class Engine:
         step's gradients and go on. Either way nothing non-finite reaches the weights or a checkpoint."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.recipe.train.on_nonfinite == "stop":
-            raise KdistillError(f"step {step + 1}: {what}; stopping before it reaches the weights (last checkpoint kept)")
+            raise RunFailed(f"step {step + 1}: {what}; stopping before it reaches the weights (last checkpoint kept)")
         self.skipped_steps += 1
         warnings.warn(f"step {step + 1}: {what}; skipping the step (train.on_nonfinite: skip)", stacklevel=3)
+        if self.skipped_steps > self.recipe.train.max_skipped_share * self.recipe.train.steps:
+            raise RunFailed(f"step {step + 1}: {self.skipped_steps} of {self.recipe.train.steps} steps skipped, more than "
+                            f"train.max_skipped_share ({self.recipe.train.max_skipped_share}); the run is not trained")
         return {"train/loss": float("nan"), "train/lr": self.optimizer.param_groups[0]["lr"],
                 "train/skipped_steps": float(self.skipped_steps), "_tokens": 0, "_inputs": 0}
 

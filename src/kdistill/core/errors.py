@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
 class KdistillError(Exception):
@@ -27,6 +27,12 @@ class ComponentError(KdistillError):
     exit_code = 1
 
 
+class RunFailed(KdistillError):
+    """The run itself went wrong (diverged, too many steps skipped): not the input, so exit code 1."""
+
+    exit_code = 1
+
+
 def blame(exc: Exception, entries: Any, where_step: str, kept: str = "") -> ComponentError:
     """Name the plugin whose code raised: the innermost traceback frame inside a registered component's
     module (or, for third-party plugins, its top-level package). `entries`: the registry's entries."""
@@ -46,3 +52,15 @@ def blame(exc: Exception, entries: Any, where_step: str, kept: str = "") -> Comp
     where = f"{culprit.kind.replace('_', ' ')} '{culprit.name}' of {culprit.source}" if culprit else "the run"
     first = str(exc).splitlines()[0] if str(exc) else ""
     return ComponentError(f"{where_step}: {where} raised {type(exc).__name__}: {first}{kept}")
+
+
+def guarded(call: Callable[[Any], Any], argument: Any, where: str, entries: Any, latest_checkpoint: Callable[[], Any]) -> Any:
+    """`call(argument)`; an exception other than kdistill's own becomes one ComponentError naming the
+    plugin whose code raised and `where`, and whether a checkpoint survives."""
+    try:
+        return call(argument)
+    except KdistillError:
+        raise
+    except Exception as exc:
+        latest = latest_checkpoint()
+        raise blame(exc, entries, where, f"; the last checkpoint ({latest}) is intact" if latest else "") from exc

@@ -24,6 +24,11 @@ def mean_nll(model, batches) -> tuple[float, int]:
     return (total / count if count else float("nan")), count
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf for a loss past exp's range (a diverged model), never an OverflowError."""
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
 class Perplexity(kdistill.Evaluator):
     """exp(mean next-token cross-entropy) on the validation split, for student and teacher."""
 
@@ -36,11 +41,11 @@ class Perplexity(kdistill.Evaluator):
 
     def evaluate(self, context):
         loss, _ = mean_nll(context.student, context.val_batches())
-        out = {"val/student_loss": loss, "val/student_ppl": math.exp(loss)}
+        out = {"val/student_loss": loss, "val/student_ppl": perplexity(loss)}
         if self.options.teacher and context.teacher is not None and context.teacher.model is not None:
             if not hasattr(self, "_teacher_loss"):  # the teacher is frozen: measure it once
                 self._teacher_loss, _ = mean_nll(context.teacher.model, context.val_batches())
-            out.update({"val/teacher_loss": self._teacher_loss, "val/teacher_ppl": math.exp(self._teacher_loss)})
+            out.update({"val/teacher_loss": self._teacher_loss, "val/teacher_ppl": perplexity(self._teacher_loss)})
         return out
 
 
