@@ -210,6 +210,7 @@ def test_student_from_a_local_folder(recipe_factory, tiny_assets, tmp_path):
     assert engine.student.config.num_hidden_layers == 4
     missing = recipe_factory(steps=1)
     missing["student"] = {"model": str(tmp_path / "absent")}
+    missing["output_dir"] = str(tmp_path / "other")  # the first run's folder is taken
     with pytest.raises(kdistill.ConfigError) as err:
         engine_for(missing).run()
     assert str(err.value) == f"student.model: no such file or folder: {tmp_path / 'absent'}"

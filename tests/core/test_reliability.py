@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,8 +127,10 @@ def test_pruning_never_removes_the_last_complete_checkpoint(recipe_factory, tmp_
 
 
 def two_checkpoints(recipe_factory, tmp_path):
+    """A run that died after its second checkpoint, before its final model (a finished run resumes to nothing)."""
     raw = recipe_factory(steps=2, save_every=1, eval_every=0)
     engine_for(raw).run()
+    shutil.rmtree(tmp_path / "run" / "final")
     return raw, tmp_path / "run" / "checkpoints"
 
 

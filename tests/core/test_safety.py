@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import socket
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def test_a_pickle_in_a_checkpoint_is_never_executed(recipe_factory, tmp_path):
 
     raw = recipe_factory(steps=2, save_every=1)
     engine_for(raw).run()
+    shutil.rmtree(tmp_path / "run" / "final")  # as if it died before the final model: a finished run resumes to nothing
     sentinel = tmp_path / "pwned"
 
     class Payload:
@@ -61,6 +63,7 @@ def test_a_pickle_in_a_checkpoint_is_never_executed(recipe_factory, tmp_path):
         summary = engine_for(raw).run(resume=True)  # falls back to step 1 and finishes step 2 again
     assert summary["after"]["train/loss"] > 0
     assert not sentinel.exists()
+    shutil.rmtree(tmp_path / "run" / "final")  # unfinished again
     for name in ("step-00000001", "step-00000002"):  # now every checkpoint is hostile: a clear error
         for f in ("model.safetensors",):
             target = tmp_path / "run" / "checkpoints" / name / f

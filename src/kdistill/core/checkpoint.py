@@ -183,10 +183,23 @@ def prune(root: Path, keep: int) -> None:
     complete = [p for p in list_checkpoints(root) if check_complete(p) is None]
     for path in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
-    own = f"-{os.getpid()}"
     for path in interrupted_saves(root):
-        if not path.name.endswith(own):
+        if not _writer_alive(path):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that writes `.tmp-...-PID` still runs (this one included): its folder stays."""
+    pid = tmp.name.rpartition("-")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 _READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError)

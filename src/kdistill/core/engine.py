@@ -28,6 +28,7 @@ from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 from kdistill.core.registry import Registry
 from kdistill.core.runtime import seed_everything
 from kdistill.core.schedule import apply_schedules, value_at
+from kdistill.core.stages import StageRunner
 
 # recipe fields whose change alters a resumed run's result
 RESULT_FIELDS = ("student", "teacher", "strategy", "data", "losses", "layer_mapper", "scheduler", "train.steps", "train.lr",
@@ -120,8 +121,20 @@ class Engine:
             if resume_from is not None:
                 raise KdistillError("--resume-from: a chain of stages resumes with --resume")
             return required(self.plan.build("strategy", kinds.Strategy)).run_chain(self.plan, StageRunner(self), resume, overwrite, force)
+        done = run_folder.finished(self.out, self.recipe.model_dump(mode="json")) if resume else None
+        if done is not None:
+            self.console.print(f"{self.out}: this run finished earlier; nothing to resume", soft_wrap=True)
+            return done
         start_from = run_folder.start_point(self.out, resume, overwrite, resume_from)
         self.build()  # bad input fails here, before anything in the output folder changes
+        lock = run_folder.lock(self.out) if self.is_main else None  # no other run writes here meanwhile
+        try:
+            return self._run_locked(start_from, overwrite, resume_from, force)
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _run_locked(self, start_from: Path | None, overwrite: bool, resume_from: Path | None, force: bool) -> dict[str, Any]:
         if overwrite and self.is_main:
             run_folder.clear(self.out)
         self.backend.barrier()
@@ -264,30 +277,6 @@ class Engine:
         result = summary.write_summary(self.out, {**result, "best": self._best, "best_metric": self.best_metric}, self.tracker)
         summary.print_summary(self.console, result)
         return result
-
-
-class StageRunner:
-    """What a chain strategy (progressive) gets to run its stages: each a complete run of its own."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.flatten = summary.flatten
-
-    def resolve(self, raw: dict[str, Any]) -> Plan:
-        return resolve(raw, self.engine.registry)
-
-    def run(self, plan: Plan, resume: bool, overwrite: bool, force: bool) -> dict[str, Any]:
-        return Engine(plan, self.engine.pm, self.engine.registry).run(resume=resume, overwrite=overwrite, force=force)
-
-    def has_checkpoint(self, out: Path) -> bool:
-        return ckpt.latest_complete(Path(out) / "checkpoints")[0] is not None
-
-    def write_recipe(self, plan: Plan, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        run_folder.write_run_files(out, plan.recipe.model_dump(mode="json"), self.engine.registry)
-
-    def say(self, text: str) -> None:
-        self.engine.console.print(text, soft_wrap=True)
 
 
 def run_recipe(recipe: str | Path | Mapping[str, Any], overrides=(), resume: bool = False, overwrite: bool = False,

@@ -26,6 +26,7 @@ def start_point(out: Path, resume: bool, overwrite: bool, resume_from: Path | No
             raise KdistillError(f"--resume-from: {resume_from} is not a complete checkpoint ({reason})")
         return resume_from
     existing = ckpt.list_checkpoints(root)
+    earlier = [name for name in EARLIER_RUN if (out / name).exists()]
     if resume:
         latest, skipped = ckpt.latest_complete(root)
         for path, reason in skipped:
@@ -35,7 +36,51 @@ def start_point(out: Path, resume: bool, overwrite: bool, resume_from: Path | No
         return latest
     if existing and not overwrite:
         raise KdistillError(f"output_dir: {out} already holds checkpoints; pass --resume to continue or --overwrite to start over")
+    if earlier and not overwrite:
+        raise KdistillError(f"output_dir: {out} already holds a run ({', '.join(earlier)}); pass --overwrite to start over "
+                            "or choose another output_dir")
     return None
+
+
+# what an earlier run leaves in its folder (a folder holding any of them is not started in again)
+EARLIER_RUN = ("summary.json", "final", "metrics.jsonl", "mlflow_run.json")
+
+
+def finished(out: Path, recipe: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The summary of the run of this very recipe that finished in `out` (its final model, summary and
+    recipe.yaml exist and match), else None: a changed recipe goes on to the resume checks."""
+    path = out / "summary.json"
+    if not (path.is_file() and (out / "final").is_dir() and (out / "recipe.yaml").is_file()):
+        return None
+    try:
+        value = json.loads(path.read_text())
+        same = yaml.safe_load((out / "recipe.yaml").read_text()) == json.loads(json.dumps(dict(recipe)))
+    except (ValueError, yaml.YAMLError):
+        return None
+    return value if same and isinstance(value, dict) and value.get("after") else None
+
+
+def lock(out: Path):
+    """Hold `out/.lock` for this process's lifetime (the OS releases it if the process dies): a second run
+    on the folder is refused naming the holder, and never deletes or interleaves with this one's files."""
+    import fcntl
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file is open
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise KdistillError(f"output_dir: {out} is in use by another kdistill run (PID {holder}); wait for it to end "
+                            "or choose another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def clear(out: Path) -> None:
