@@ -83,7 +83,9 @@ def test_unknown_hook_is_refused():
 def test_registry_is_read_only():
     registry = Registry.from_plugins()
     with pytest.raises(TypeError):
-        registry._entries["loss"]["x"] = None  # type: ignore[index]
+        registry.by_kind["loss"]["x"] = None  # type: ignore[index]
+    with pytest.raises(TypeError):
+        registry.by_kind["loss"] = {}  # type: ignore[index]
 
 
 def test_in_process_plugin_component_is_usable_in_a_recipe(tiny_assets, tmp_path):

@@ -74,6 +74,11 @@ class Registry:
             for name in sorted(self._entries[kind]):
                 yield self._entries[kind][name]
 
+    @property
+    def by_kind(self) -> Mapping[str, Mapping[str, Entry]]:
+        """kind -> name -> Entry, read-only."""
+        return self._entries
+
     def find(self, kind: str, name: str) -> Entry | None:
         return self._entries[kind].get(name)
 
