@@ -193,3 +193,15 @@ def test_analyze_reports_the_teachers_top_tokens_and_entropy(tiny_assets, tmp_pa
     report = _json.loads((tmp_path / "out" / "analysis" / "teacher_report.json").read_text())
     assert report["entropy_here"] == pytest.approx(entropy) and report["positions"] > 0
     assert (tmp_path / "out" / "analysis" / "teacher_entropy.png").stat().st_size > 1000
+
+
+def test_a_validation_sweep_takes_a_scheduled_weight_at_its_first_step(tiny_assets, tmp_path):
+    from kdistill.analysis import sweep_validation
+
+    from conftest import tiny_recipe, write_recipe
+
+    raw = tiny_recipe(tiny_assets, tmp_path / "out", steps=2)
+    plain = sweep_validation(write_recipe(tmp_path / "p.yaml", raw), "losses[0].options.temperature", [1.0, 3.0], [])
+    raw["losses"][0]["weight"] = {"schedule": "linear", "start": raw["losses"][0]["weight"], "end": 5.0}
+    scheduled = sweep_validation(write_recipe(tmp_path / "s.yaml", raw), "losses[0].options.temperature", [1.0, 3.0], [])
+    assert scheduled == pytest.approx(plain, rel=1e-6)  # step 0 of the schedule is the plain weight

@@ -128,6 +128,7 @@ def sweep_validation(recipe, key: str, values: list, overrides: list[str]) -> li
     from kdistill.core.errors import KdistillError
     from kdistill.core.plugins import make_plugin_manager
     from kdistill.core.registry import Registry
+    from kdistill.core.schedule import value_at
 
     if not key.startswith("losses["):
         raise KdistillError(f"sweep: a validation pass can vary only a loss option, not {key}; add --train for short runs")
@@ -138,7 +139,8 @@ def sweep_validation(recipe, key: str, values: list, overrides: list[str]) -> li
     engine.build()
     scores = []
     for plan in plans:
-        engine.context.losses = [(item.entry.name, item.weight, item.build()) for item in plan.components["losses"]]
+        steps = plan.recipe.train.steps  # a scheduled weight at its first step
+        engine.context.losses = [(item.entry.name, value_at(item.weight, 0, steps), item.build()) for item in plan.components["losses"]]
         engine.strategy.setup(engine.context)
         total, count = 0.0, 0
         engine.student.eval()

@@ -50,3 +50,25 @@ def test_only_saves_of_dead_writers_are_cleaned_up(tmp_path):
         folder.mkdir(parents=True)
     ckpt.prune(root, keep=2)
     assert alive.is_dir() and not dead.exists()
+
+
+def test_resume_and_overwrite_together_are_refused_even_on_a_finished_run(recipe_factory, tmp_path):
+    raw = recipe_factory(steps=1)
+    engine_for(raw).run()
+    with pytest.raises(KdistillError) as info:
+        engine_for(raw).run(resume=True, overwrite=True)
+    assert info.value.problems == ["--resume and --overwrite exclude each other"]
+
+
+def test_a_chain_of_stages_holds_its_folder_too(recipe_factory, tmp_path):
+    out = tmp_path / "run"
+    raw = recipe_factory(steps=1)
+    raw["strategy"] = {"name": "progressive", "options": {"stages": [
+        {"name": "mid", "student": {"from_teacher": {"layers": [0, 1, 3]}}, "steps": 1}]}}
+    held = run_folder.lock(out)
+    try:
+        with pytest.raises(KdistillError, match=f"is in use by another kdistill run \\(PID {os.getpid()}\\)"):
+            engine_for(raw).run(overwrite=True)
+        assert not (out / "stages").exists()
+    finally:
+        held.close()

@@ -124,3 +124,33 @@ def test_a_cached_teacher_refuses_a_scheduled_temperature(tiny_assets, tmp_path,
         teacher.prepare(None, None, [("forward-kl", 1.0, loss)])
     assert info.value.problems == ["losses: 'forward-kl' schedules its temperature but the cached teacher's targets are at "
                                    "one temperature, 2.0 (teacher.options.temperature)"]
+
+
+def test_a_constant_schedule_is_accepted_by_a_cached_teacher(tmp_path):
+    from kdistill.plugins.teachers.cached import CachedTeacher
+
+    teacher = CachedTeacher(CachedTeacher.Options(path=str(tmp_path), temperature=2.0))
+    loss = ForwardKL(ForwardKL.Options(temperature={"schedule": "constant", "start": 2.0}))
+
+    class Stop(Exception):
+        pass
+
+    class NoCache:
+        def check(self, expected):
+            raise Stop  # the temperatures passed; the manifest check comes next
+
+    teacher.cache = NoCache()
+
+    class Data:
+        def fingerprint(self):
+            return "f"
+
+    from kdistill.plugins.teachers import cached
+
+    original = cached.vocab_digest
+    cached.vocab_digest = lambda tokenizer: "v"
+    try:
+        with pytest.raises(Stop):
+            teacher.prepare(Data(), None, [("forward-kl", 1.0, loss)])
+    finally:
+        cached.vocab_digest = original

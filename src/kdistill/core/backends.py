@@ -165,11 +165,14 @@ class DeepSpeed:
 
 
 def first_non_finite(modules: Mapping[str, nn.Module]) -> str | None:
-    for prefix, module in modules.items():
-        for name, param in module.named_parameters():
-            if not bool(torch.isfinite(param).all()):
-                return f"{prefix}.{name}"
-    return None
+    """One reduction over every parameter (one device sync); names the first bad one only when there is one."""
+    params = [(f"{prefix}.{name}", param) for prefix, module in modules.items() for name, param in module.named_parameters()]
+    if not params:
+        return None
+    finite = torch.stack([torch.isfinite(param).all().to(params[0][1].device) for _, param in params])
+    if bool(finite.all()):
+        return None
+    return params[int((~finite).nonzero()[0, 0])][0]
 
 
 def refuse_non_finite(modules: Mapping[str, nn.Module], target: Path) -> None:

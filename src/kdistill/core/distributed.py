@@ -154,7 +154,7 @@ class DeepSpeedRun:
         return self.engine
 
     def backward(self, loss: torch.Tensor) -> None:
-        # the loss is already scaled for accumulation and ranks (see Engine._step)
+        # the loss is already scaled for accumulation and ranks (see backends.DeepSpeed.backward)
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> float | None:

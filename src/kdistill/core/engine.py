@@ -117,17 +117,20 @@ class Engine:
         """Train. `resume`: from the newest checkpoint that loads (falling back with a warning);
         `resume_from`: from exactly that checkpoint or fail; `force`: accept a changed recipe or data."""
         resume_from = Path(resume_from) if resume_from is not None else None
+        if (resume or resume_from is not None) and overwrite:
+            raise KdistillError("--resume and --overwrite exclude each other")
         if required(self.plan.one("strategy")).entry.cls.chain:
             if resume_from is not None:
                 raise KdistillError("--resume-from: a chain of stages resumes with --resume")
-            return required(self.plan.build("strategy", kinds.Strategy)).run_chain(self.plan, StageRunner(self), resume, overwrite, force)
+            with run_folder.lock(self.out):  # the chain's folder; each stage locks its own
+                return required(self.plan.build("strategy", kinds.Strategy)).run_chain(self.plan, StageRunner(self), resume, overwrite, force)
         done = run_folder.finished(self.out, self.recipe.model_dump(mode="json")) if resume else None
         if done is not None:
             self.console.print(f"{self.out}: this run finished earlier; nothing to resume", soft_wrap=True)
             return done
         start_from = run_folder.start_point(self.out, resume, overwrite, resume_from)
         self.build()  # bad input fails here, before anything in the output folder changes
-        lock = run_folder.lock(self.out) if self.is_main else None  # no other run writes here meanwhile
+        lock = run_folder.lock_on_main(self.out, self.backend)  # no other run writes here meanwhile
         try:
             return self._run_locked(start_from, overwrite, resume_from, force)
         finally:
@@ -156,7 +159,7 @@ class Engine:
         try:
             if step == 0 and self.evaluators:
                 with self.console.status("evaluating before training"):
-                    before = self.evaluate("before")
+                    before = self._guarded(self.evaluate, "before", "evaluating before training")
                 self.tracker.log_metrics(before, step=0)
             last = self._loop(step, best, before)
             status = "FINISHED"
@@ -196,7 +199,7 @@ class Engine:
                 self.pm.hook.kd_step_finished(step=step, metrics=dict(metrics))
                 progress.update(task, completed=step, info=f"loss {metrics['train/loss']:.3f}  {metrics['train/tokens_per_s']:.0f} tok/s")
         if not (t.eval_every and self.evaluators) and self.evaluators:
-            val = self.evaluate("final")
+            val = self._guarded(self.evaluate, "final", "evaluating after training")
             self.tracker.log_metrics(val, step=step)
             last.update(val)
         self._best = best

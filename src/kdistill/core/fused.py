@@ -182,8 +182,11 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     try:
         if torch.is_autocast_enabled(kind):
             return torch.get_autocast_dtype(kind)
-    except (RuntimeError, TypeError):  # a device type autocast does not know
-        pass
+    except (RuntimeError, TypeError, AttributeError):  # torch < 2.4 has the per-device functions only
+        if kind == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if kind == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
     return None
 
 

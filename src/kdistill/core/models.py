@@ -75,7 +75,7 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
         kwargs["use_safetensors"] = True
         kwargs["dtype"] = DTYPES[dtype]
     if quantization != "none" and not gguf_file:
-        shapes = _skeleton(path, trust_remote_code) if quantization in ("nf4", "fp4") else None
+        shapes = _skeleton(path, trust_remote_code, field) if quantization in ("nf4", "fp4") else None
         kwargs.update(_bitsandbytes(field, quantization, double_quant, dtype, shapes))
     try:
         loaded: LM = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -100,14 +100,14 @@ BNB_4BIT_BLOCK = 64
 BNB_CPU_PACK_ROWS = 32
 
 
-def _skeleton(path: Path, trust_remote_code: bool) -> LM:
+def _skeleton(path: Path, trust_remote_code: bool, field: str) -> LM:
     """The model's modules on the meta device (shapes only, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"teacher.options.model: cannot read a model config from {path}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{field}: cannot read a model config from {path}: {str(exc).splitlines()[0]}") from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

@@ -60,6 +60,22 @@ def finished(out: Path, recipe: Mapping[str, Any]) -> dict[str, Any] | None:
     return value if same and isinstance(value, dict) and value.get("after") else None
 
 
+def lock_on_main(out: Path, backend):
+    """The lock, taken by the main process; every process learns whether it got it (a refused run ends
+    on every rank, not only on rank 0 while the others wait at a barrier)."""
+    held, error = None, None
+    if backend.is_main:
+        try:
+            held = lock(out)
+        except KdistillError as exc:
+            error = exc
+    if not backend.agree(error is None):
+        if held is not None:
+            held.close()
+        raise error or KdistillError(f"output_dir: {out} is in use by another kdistill run")
+    return held
+
+
 def lock(out: Path):
     """Hold `out/.lock` for this process's lifetime (the OS releases it if the process dies): a second run
     on the folder is refused naming the holder, and never deletes or interleaves with this one's files."""

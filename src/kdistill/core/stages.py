@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ class StageRunner:
     def write_recipe(self, plan: Plan, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         run_folder.write_run_files(out, plan.recipe.model_dump(mode="json"), self.engine.registry)
+
+    def write_summary(self, out: Path, result: dict[str, Any]) -> None:
+        """summary.json as JSON (NaN as null), as every run writes it."""
+        (Path(out) / "summary.json").write_text(json.dumps(summary.json_safe(result), indent=1, allow_nan=False))
 
     def say(self, text: str) -> None:
         self.engine.console.print(text, soft_wrap=True)

@@ -103,7 +103,7 @@ class Progressive(kdistill.Strategy):
                        "before": results[stages[0][0]]["before"], "after": last["after"],
                        "stages": {name: {"before": r["before"], "after": r["after"], "final_model": r["final_model"]}
                                   for name, r in results.items()}}
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            runner.write_summary(out, summary)
             tracker.log_artifact(str(final), "model")
             status = "FINISHED"
             return summary

@@ -66,9 +66,10 @@ class CachedTeacher(kdistill.TeacherProvider):
                 if not isinstance(loss.options, kdistill.TemperatureOptions):
                     continue
                 t = loss.options.temperature
-                if isinstance(t, kdistill.Schedule):
+                if isinstance(t, kdistill.Schedule) and t.schedule != "constant":
                     raise ConfigError(f"losses: '{name}' schedules its temperature but the cached teacher's targets "
                                       f"are at one temperature, {self.options.temperature} (teacher.options.temperature)")
+                t = kdistill.value_at(t, 0, 1)
                 if abs(t - self.options.temperature) > 1e-9 * t:
                     raise ConfigError(f"losses: '{name}' uses temperature {t} but the cached teacher's is "
                                       f"{self.options.temperature} (teacher.options.temperature)")
