@@ -196,9 +196,8 @@ def test_analyze_reports_the_teachers_top_tokens_and_entropy(tiny_assets, tmp_pa
 
 
 def test_a_validation_sweep_takes_a_scheduled_weight_at_its_first_step(tiny_assets, tmp_path):
-    from kdistill.analysis import sweep_validation
-
     from conftest import tiny_recipe, write_recipe
+    from kdistill.analysis import sweep_validation
 
     raw = tiny_recipe(tiny_assets, tmp_path / "out", steps=2)
     plain = sweep_validation(write_recipe(tmp_path / "p.yaml", raw), "losses[0].options.temperature", [1.0, 3.0], [])
