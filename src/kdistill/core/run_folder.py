@@ -76,12 +76,35 @@ def lock_on_main(out: Path, backend):
     return held
 
 
-def lock(out: Path):
+class FolderLock:
+    """An exclusive hold on `out/.lock`; a folder the lock itself created and nothing else wrote to is
+    removed again on release (a run refused before it began leaves no trace)."""
+
+    def __init__(self, out: Path, handle, created: bool):
+        self.out, self.handle, self.created = out, handle, created
+
+    def close(self) -> None:
+        if self.handle.closed:
+            return
+        if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
+            (self.out / ".lock").unlink(missing_ok=True)
+            self.out.rmdir()
+        self.handle.close()
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def lock(out: Path) -> FolderLock:
     """Hold `out/.lock` for this process's lifetime (the OS releases it if the process dies): a second run
     on the folder is refused naming the holder, and never deletes or interleaves with this one's files."""
     import fcntl
     import os
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / ".lock", "a+")  # noqa: SIM115 - kept open: the lock lives as long as the file is open
     try:
@@ -96,7 +119,7 @@ def lock(out: Path):
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
-    return handle
+    return FolderLock(out, handle, created)
 
 
 def clear(out: Path) -> None:
