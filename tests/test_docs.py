@@ -52,7 +52,7 @@ def test_yaml_in_the_docs_validates_as_part_of_a_recipe(tiny_assets, tmp_path):
             continue
         recipe = tiny_recipe(tiny_assets, tmp_path / "out")
         recipe.update(raw)
-        resolve(recipe, registry)  # raises ConfigError naming the field
+        resolve(recipe, registry, check_inputs=False)  # raises ConfigError naming the field (paths are examples)
         checked += 1
     assert checked >= 7
 

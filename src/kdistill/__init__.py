@@ -32,7 +32,7 @@ from kdistill.core.components import (
 from kdistill.core.config import Plan, Recipe, load_recipe, resolve
 from kdistill.core.errors import ConfigError, KdistillError
 from kdistill.core.hookspecs import hookimpl
-from kdistill.core.paths import resolve_path
+from kdistill.core.paths import LocalFile, LocalPath, LocalPattern, resolve_path
 from kdistill.core.schedule import Schedule, Scheduled, value_at
 
 
@@ -46,7 +46,8 @@ def run(recipe, overrides=(), resume: bool = False, overwrite: bool = False):
 __all__ = [
     "IGNORE_INDEX", "Batch", "Component", "ConfigError", "ConstantTemperatureOptions", "Schedule", "Scheduled",
     "TemperatureOptions", "value_at", "DataSource", "EvalContext", "Evaluator", "FeatureLoss", "LayerMap",
-    "KdistillError", "LayerMapper", "LogitLoss", "Loss", "ModelOutputs", "Needs", "Options", "Plan", "Recipe",
+    "KdistillError", "LayerMapper",
+    "LocalFile", "LocalPath", "LocalPattern", "LogitLoss", "Loss", "ModelOutputs", "Needs", "Options", "Plan", "Recipe",
     "Scheduler", "SparseTargets", "Strategy", "TeacherProvider", "Tracker", "TrainContext", "__version__", "hookimpl",
     "load_recipe", "resolve", "resolve_path", "run",
 ]

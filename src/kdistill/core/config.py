@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from kdistill.core.components import KINDS, Component
 from kdistill.core.errors import ConfigError
+from kdistill.core.paths import LocalFile, LocalPath, missing_inputs, output_dir_problem
 from kdistill.core.registry import Entry, Registry
 from kdistill.core.schedule import NUMBER, SCHEDULE, Schedule, Scheduled
 
@@ -65,10 +66,10 @@ class FromTeacher(StaticModel):
 class StudentSpec(StaticModel):
     """Exactly one of `model` (a local folder), `config` (build fresh) or `from_teacher`."""
 
-    model: str | None = None
-    config: dict[str, Any] | str | None = None
+    model: LocalPath | None = None
+    config: dict[str, Any] | LocalPath | None = None
     from_teacher: FromTeacher | None = None
-    tokenizer: str | None = None
+    tokenizer: LocalPath | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 
@@ -110,7 +111,7 @@ class DistributedSpec(StaticModel):
     """Multi-device settings: `none` (one process) or `deepspeed` (launched by `deepspeed` or `torchrun`)."""
 
     backend: Literal["none", "deepspeed"] = "none"
-    config: dict[str, Any] | str | None = Field(None, description="DeepSpeed configuration, inline or a JSON file; "
+    config: dict[str, Any] | LocalFile | None = Field(None, description="DeepSpeed configuration, inline or a JSON file; "
                                                 "\"auto\" values come from the recipe (default: ZeRO-2)")
     teacher: Literal["replicated", "zero3"] = Field("replicated", description="a full teacher copy per rank, or "
                                                     "its parameters partitioned over the ranks with ZeRO-3 (inference only)")
@@ -383,8 +384,10 @@ def _model_fields(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list
     return list(getattr(current, "model_fields", {}))
 
 
-def resolve(raw: Any, registry: Registry) -> Plan:
-    """Validate a raw recipe against the schema and the installed components; all problems at once."""
+def resolve(raw: Any, registry: Registry, check_inputs: bool = True) -> Plan:
+    """Validate a raw recipe against the schema and the installed components; all problems at once.
+    `check_inputs`: also check that the local files it names exist and that output_dir can be written
+    (off for a progressive chain's stages, whose teachers are made by the stages before them)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe: must be a mapping of sections, not {type(raw).__name__}")
     problems: list[str] = []
@@ -435,12 +438,31 @@ def resolve(raw: Any, registry: Registry) -> Plan:
 
     if recipe is not None and not problems:
         problems += _cross_checks(recipe, components)
+    if recipe is not None and not problems and check_inputs:
+        problems += _input_checks(recipe, components)
     if recipe is None and not problems:
         problems = deferred
     if problems:
         raise ConfigError(problems)
     assert recipe is not None  # validated: no problems left
     return Plan(recipe=recipe, raw=copy.deepcopy(given), components=components)
+
+
+def _input_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list[str]:
+    """The local inputs a recipe names exist, and its output folder can be made: found before anything loads."""
+    problems = missing_inputs(recipe.student, "student") + missing_inputs(recipe.distributed, "distributed")
+    for items in components.values():
+        for item in items:
+            problems += missing_inputs(item.options, f"{item.path}.options")
+    if isinstance(recipe.student.config, dict):  # built on the meta device: no memory, no weights
+        from kdistill.core.models import model_from_config
+
+        try:
+            model_from_config(recipe.student.config, device="meta")
+        except ConfigError as exc:
+            problems += exc.problems
+    output = output_dir_problem(recipe.output_dir)
+    return problems + ([output] if output else [])
 
 
 def _weight(value: Any) -> Scheduled:

@@ -23,7 +23,7 @@ from kdistill.core import run_folder, summary
 from kdistill.core.backends import make_backend
 from kdistill.core.config import Plan, _typed, apply_overrides, load_recipe, required, resolve
 from kdistill.core.errors import KdistillError, RunFailed, guarded
-from kdistill.core.models import build_student, check_shared_vocabulary, choose_attention
+from kdistill.core.models import build_student, check_positions, check_shared_vocabulary, choose_attention
 from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 from kdistill.core.registry import Registry
 from kdistill.core.runtime import seed_everything
@@ -65,6 +65,8 @@ class Engine:
         self.data = required(plan.build("data", kinds.DataSource))
         with self.console.status("reading and tokenizing the data"):
             self.data.setup(self.tokenizer, t.seed)
+        check_positions(self.data.train_batch(0, 1).input_ids.shape[1],
+                        {"student": self.student, "teacher": getattr(self.teacher, "model", None)})
         self.weights = [item.weight for item in plan.components["losses"]]  # numbers or schedules
         self.losses = [(item.entry.name, value_at(item.weight, 0, t.steps), _typed(item.build(), kinds.Loss))
                        for item in plan.components["losses"]]
@@ -129,10 +131,17 @@ class Engine:
             self.console.print(f"{self.out}: this run finished earlier; nothing to resume", soft_wrap=True)
             return done
         start_from = run_folder.start_point(self.out, resume, overwrite, resume_from)
-        self.build()  # bad input fails here, before anything in the output folder changes
-        lock = run_folder.lock_on_main(self.out, self.backend)  # no other run writes here meanwhile
+        try:
+            self.build()  # bad input fails here, before anything in the output folder changes
+            lock = run_folder.lock_on_main(self.out, self.backend)  # no other run writes here meanwhile
+        except OSError as exc:  # an unreadable input, an output folder that cannot be made: nothing written yet
+            raise KdistillError(f"{_os_error(exc)} (nothing was written)") from None
         try:
             return self._run_locked(start_from, overwrite, resume_from, force)
+        except OSError as exc:  # disk full, a folder made read-only mid-run: what was kept is what matters
+            latest = ckpt.latest_complete(self.ckpt_root)[0]
+            kept = f"the last complete checkpoint, {latest}, is kept" if latest else "no complete checkpoint was written"
+            raise RunFailed(f"the run stopped: {_os_error(exc)}; {kept}") from None
         finally:
             if lock is not None:
                 lock.close()
@@ -280,6 +289,12 @@ class Engine:
         result = summary.write_summary(self.out, {**result, "best": self._best, "best_metric": self.best_metric}, self.tracker)
         summary.print_summary(self.console, result)
         return result
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line that names the file: `PATH: No space left on device`."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{exc.filename}: {what}" if exc.filename else what
 
 
 def run_recipe(recipe: str | Path | Mapping[str, Any], overrides=(), resume: bool = False, overwrite: bool = False,

@@ -6,6 +6,7 @@ Never reaches a network (`local_files_only`), reads safetensors weights only, an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -51,6 +52,49 @@ def _refuse_custom_code(path: Path, field: str, trust_remote_code: bool) -> None
                           "trust_remote_code: true in the recipe")
 
 
+def _safetensors_problem(file: Path) -> str | None:
+    """Why `file` (followed through links) is not a safetensors file, or None: its 8-byte header length
+    and JSON header are read, nothing else (transformers would unpickle a file that is not one)."""
+    try:
+        with open(file, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if size <= 1 or size > min(100 << 20, file.stat().st_size - 8):
+                return "is not a safetensors file"
+            header = json.loads(handle.read(size))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    except ValueError:
+        return "is not a safetensors file (its header is not JSON)"
+    return None if isinstance(header, dict) else "is not a safetensors file"
+
+
+def check_weight_files(folder: Path, field: str) -> None:
+    """Every weight file transformers would open from `folder` is safetensors, checked before it sees the
+    folder: each *.safetensors file (a link is followed) and each file a *.safetensors.index.json names,
+    which must stay inside the folder."""
+    files = sorted(folder.glob("*.safetensors"))
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (OSError, ValueError, AttributeError):
+            raise ConfigError(f"{field}: {index} is not a weight index (JSON with a weight_map)") from None
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{field}: {index} is not a weight index (JSON with a weight_map)")
+        for name in sorted(set(map(str, weight_map.values()))):
+            target = folder / name
+            if not name.endswith(".safetensors"):
+                raise ConfigError(f"{field}: {index.name} maps weights to {name}, which is not a .safetensors "
+                                  "file (kdistill never unpickles weights)")
+            if Path(name).is_absolute() or ".." in Path(name).parts or not target.is_file():  # links are followed (the hub's cache links to blobs)
+                raise ConfigError(f"{field}: {index.name} maps weights to {name}, which is not a file in {folder}")
+            files.append(target)
+    for file in dict.fromkeys(files):
+        why = _safetensors_problem(file)
+        if why:
+            shown = f"{file} (a link to {file.resolve()})" if file.is_symlink() else str(file)
+            raise ConfigError(f"{field}: {shown} {why}; kdistill reads weights only from safetensors files")
+
+
 def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtype: str = "float32",
                    trust_remote_code: bool = False, quantization: str = "none", double_quant: bool = True) -> LM:
     """A local folder (safetensors) or a GGUF file, dequantized and cast to `dtype`; with
@@ -72,6 +116,8 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
             raise ConfigError(f"{field}: {path} has no safetensors weights"
                               + (f" ({', '.join(others)} would need unpickling, which kdistill never does; "
                                  "convert them to safetensors first)" if others else ""))
+        if path.is_dir():
+            check_weight_files(path, field)
         kwargs["use_safetensors"] = True
         kwargs["dtype"] = DTYPES[dtype]
     if quantization != "none" and not gguf_file:
@@ -261,9 +307,44 @@ def student_from_teacher(teacher: LM, layers: list[int], dtype: str) -> nn.Modul
     return student.to(DTYPES[dtype])
 
 
+def model_from_config(spec_config: dict[str, Any] | str, device: str | None = None) -> LM:
+    """A fresh causal LM from the recipe's `student.config` (a mapping with `model_type`, or a config
+    file or folder); on device "meta" it costs no memory, which is how validation checks it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if isinstance(spec_config, dict):
+            cfg = dict(spec_config)
+            model_type = cfg.pop("model_type", None)
+            if model_type is None:
+                raise ConfigError("student.config.model_type: required to build a model from a config")
+            try:
+                config = AutoConfig.for_model(model_type, **cfg)
+            except ValueError:
+                if model_type in _model_types():
+                    raise
+                raise ConfigError(f"student.config.model_type: unknown model type {str(model_type)[:60]!r} for this "
+                                  "transformers (llama, qwen2, gpt2, ...)") from None
+        else:
+            path = resolve_path(spec_config, "student.config")
+            if not path.exists():
+                raise ConfigError(f"student.config: no such file or folder: {path}")
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device(device) if device else contextlib.nullcontext():
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, RuntimeError, KeyError, AttributeError, OSError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ConfigError(f"student.config: cannot build a model from it: {type(exc).__name__}: {first}") from None
+
+
+def _model_types() -> set[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return set(CONFIG_MAPPING_NAMES)
+
+
 def build_student(spec, teacher_model: LM | None, teacher_tokenizer):
     """The student model and its tokenizer, from the recipe's `student` section."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.model is not None:
         model = load_causal_lm(spec.model, "student.model", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
@@ -273,18 +354,7 @@ def build_student(spec, teacher_model: LM | None, teacher_tokenizer):
     if spec.from_teacher is not None:
         model = student_from_teacher(teacher_model, spec.from_teacher.layers, spec.dtype)
     else:
-        if isinstance(spec.config, dict):
-            cfg = dict(spec.config)
-            model_type = cfg.pop("model_type", None)
-            if model_type is None:
-                raise ConfigError("student.config.model_type: required to build a model from a config")
-            config = AutoConfig.for_model(model_type, **cfg)
-        else:
-            path = resolve_path(spec.config, "student.config")
-            if not path.exists():
-                raise ConfigError(f"student.config: no such file or folder: {path}")
-            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_config(config).to(DTYPES[spec.dtype])
+        model = model_from_config(spec.config).to(DTYPES[spec.dtype])
     if spec.tokenizer is not None:
         tokenizer = load_tokenizer(spec.tokenizer, "student.tokenizer", trust_remote_code=spec.trust_remote_code)
     elif teacher_tokenizer is not None:
@@ -292,6 +362,24 @@ def build_student(spec, teacher_model: LM | None, teacher_tokenizer):
     else:
         raise ConfigError("student.tokenizer: required when the student is built from a config and there is no teacher")
     return _check_vocab(model, tokenizer, "student.config.vocab_size" if spec.config is not None else "student")
+
+
+_LEARNED_POSITIONS = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")
+
+
+def check_positions(length: int, models: dict[str, LM]) -> None:
+    """A model with learned position embeddings (GPT-2, OPT, ...) cannot read past its last position; rotary
+    models can, so only the former are checked. `length`: the tokens in one training sequence."""
+    for field, model in models.items():
+        if model is None:
+            continue
+        learned = [name for name, module in model.named_modules()
+                   if isinstance(module, nn.Embedding) and _LEARNED_POSITIONS.search(name)]
+        config = model.config
+        key = next((k for k in ("n_positions", "max_position_embeddings") if isinstance(getattr(config, k, None), int)), None)
+        if learned and key is not None and length > getattr(config, key):
+            raise ConfigError(f"data: sequences of {length} tokens are longer than the {field} can read ({key}: "
+                              f"{getattr(config, key)}, learned positions); lower the data's seq_len")
 
 
 def choose_attention(model: LM, device: torch.device) -> str:

@@ -17,7 +17,7 @@ from kdistill import KdistillError, resolve_path
 
 class TaskData(kdistill.Options):
     task: str = Field(description="an lm-evaluation-harness task to reuse, e.g. arc_easy, piqa, sciq")
-    data: str = Field(description="its split as a local Arrow file (or a folder holding one); pkg:// allowed")
+    data: kdistill.LocalPath = Field(description="its split as a local Arrow file (or a folder holding one); pkg:// allowed")
 
 
 class Retention(kdistill.Evaluator):

@@ -17,7 +17,7 @@ DRAW_BLOCK = 4096  # draws generated per seeded block
 
 class MixtureSource(kdistill.Options):
     name: str = Field(description="a label for the source (task, general, ...)")
-    paths: list[str] = Field(min_length=1, description="files or glob patterns (pkg://PACKAGE/FILE allowed)")
+    paths: list[kdistill.LocalPattern] = Field(min_length=1, description="files or glob patterns (pkg://PACKAGE/FILE allowed)")
     weight: float = Field(gt=0, description="relative share of training sequences drawn from this source")
     max_train_blocks: int | None = Field(None, ge=1)
 

@@ -25,7 +25,7 @@ class TextFiles(kdistill.DataSource):
     name = "text-files"
 
     class Options(kdistill.Options):
-        paths: list[str] = Field(min_length=1, description="files or glob patterns (pkg://PACKAGE/FILE allowed)")
+        paths: list[kdistill.LocalPattern] = Field(min_length=1, description="files or glob patterns (pkg://PACKAGE/FILE allowed)")
         seq_len: int = Field(256, ge=2, le=1 << 20)
         val_fraction: float = Field(0.05, ge=0, lt=1)
         max_val_blocks: int | None = Field(256, ge=1)

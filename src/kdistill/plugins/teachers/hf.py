@@ -17,7 +17,7 @@ class HFTeacher(kdistill.TeacherProvider):
     name = "hf"
 
     class Options(kdistill.Options):
-        model: str = Field(description="local folder, .gguf file, or pkg://PACKAGE/PATH")
+        model: kdistill.LocalPath = Field(description="local folder, .gguf file, or pkg://PACKAGE/PATH")
         gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a folder)")
         dtype: Literal["float32", "bfloat16", "float16"] = "float32"
         quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
