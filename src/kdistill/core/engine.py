@@ -22,7 +22,7 @@ from kdistill.core import components as kinds
 from kdistill.core import run_folder, summary
 from kdistill.core.backends import make_backend
 from kdistill.core.config import Plan, _typed, apply_overrides, load_recipe, required, resolve
-from kdistill.core.errors import KdistillError, RunFailed, guarded
+from kdistill.core.errors import KdistillError, RunFailed, guarded, os_error_line
 from kdistill.core.models import build_student, check_positions, check_shared_vocabulary, choose_attention
 from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 from kdistill.core.registry import Registry
@@ -135,13 +135,13 @@ class Engine:
             self.build()  # bad input fails here, before anything in the output folder changes
             lock = run_folder.lock_on_main(self.out, self.backend)  # no other run writes here meanwhile
         except OSError as exc:  # an unreadable input, an output folder that cannot be made: nothing written yet
-            raise KdistillError(f"{_os_error(exc)} (nothing was written)") from None
+            raise KdistillError(f"{os_error_line(exc)} (nothing was written)") from None
         try:
             return self._run_locked(start_from, overwrite, resume_from, force)
         except OSError as exc:  # disk full, a folder made read-only mid-run: what was kept is what matters
             latest = ckpt.latest_complete(self.ckpt_root)[0]
             kept = f"the last complete checkpoint, {latest}, is kept" if latest else "no complete checkpoint was written"
-            raise RunFailed(f"the run stopped: {_os_error(exc)}; {kept}") from None
+            raise RunFailed(f"the run stopped: {os_error_line(exc)}; {kept}") from None
         finally:
             if lock is not None:
                 lock.close()
@@ -289,12 +289,6 @@ class Engine:
         result = summary.write_summary(self.out, {**result, "best": self._best, "best_metric": self.best_metric}, self.tracker)
         summary.print_summary(self.console, result)
         return result
-
-
-def _os_error(exc: OSError) -> str:
-    """An OSError as one line that names the file: `PATH: No space left on device`."""
-    what = exc.strerror or str(exc) or type(exc).__name__
-    return f"{exc.filename}: {what}" if exc.filename else what
 
 
 def run_recipe(recipe: str | Path | Mapping[str, Any], overrides=(), resume: bool = False, overwrite: bool = False,

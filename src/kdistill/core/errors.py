@@ -64,3 +64,9 @@ def guarded(call: Callable[[Any], Any], argument: Any, where: str, entries: Any,
     except Exception as exc:
         latest = latest_checkpoint()
         raise blame(exc, entries, where, f"; the last checkpoint ({latest}) is intact" if latest else "") from exc
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line that names the file: `PATH: No space left on device`."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{exc.filename}: {what}" if exc.filename else what
