@@ -111,6 +111,29 @@ def test_a_resume_that_deepspeed_cannot_load_is_an_error(tiny_assets, tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+@needs_deepspeed
+def test_a_flipped_bit_in_a_deepspeed_checkpoint_is_refused_before_deepspeed_reads_it(tiny_assets, tmp_path):
+    """The marker hashes DeepSpeed's files too; every rank checks its share before anything loads."""
+    raw = recipe(tiny_assets, tmp_path / "run", batch_size=2, steps=2, save_every=1)
+    raw["distributed"] = {"backend": "deepspeed"}
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(path)], check=True, capture_output=True, env=ENV,
+                   timeout=600)
+    shutil.rmtree(tmp_path / "run" / "final")  # died before its final model
+    folder = tmp_path / "run" / "checkpoints" / "step-00000002"
+    marker = json.loads((folder / "COMPLETE").read_text())
+    assert marker["hash"] == "sha256" and sorted(marker["digests"]) == sorted(marker["files"])
+    name = next(n for n in sorted(marker["files"]) if "optim_states" in n)
+    data = bytearray((folder / name).read_bytes())
+    data[-5] ^= 0x01
+    (folder / name).write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(path), "--resume"], capture_output=True,
+                            text=True, env=ENV, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (f"error: {folder / name}: its content does not match what was saved "
+                                              "(its sha256 differs from the one in COMPLETE)")
+    assert not (tmp_path / "run" / "final").exists()
+
 def test_auto_values_come_from_the_recipe():
     train = TrainSpec(steps=10, batch_size=3, grad_accum=4, grad_clip=0.5, lr=2e-4, weight_decay=0.1)
     config = fill_auto({"train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 3},

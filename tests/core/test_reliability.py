@@ -157,7 +157,8 @@ def test_safetensors_header_with_a_wrong_length(recipe_factory, tmp_path):
     data = bytearray(target.read_bytes())
     data[:8] = (len(data) * 4).to_bytes(8, "little")  # same size on disk, header says more than there is
     target.write_bytes(bytes(data))
-    assert ckpt.check_complete(newest) is None  # sizes match: only reading finds it
+    ckpt.mark_complete(newest, 2)  # a marker that matches (sizes and hashes): only reading finds it
+    assert ckpt.check_complete(newest) is None and ckpt.verify_contents(newest) is None
     code, err = cli("run", write_recipe(tmp_path / "r.yaml", raw), "--resume-from", newest)
     assert code == 2
     assert err.startswith(f"error: {target}: cannot restore the checkpoint: SafetensorError: ")
@@ -220,9 +221,7 @@ def test_a_pickle_in_the_state_file_is_refused(recipe_factory, tmp_path):
             return (Path.touch, (sentinel,))
 
     (newest / "state.json").write_bytes(pickle.dumps(Payload()))
-    marker = json.loads((newest / "COMPLETE").read_text())
-    marker["files"]["state.json"] = (newest / "state.json").stat().st_size
-    (newest / "COMPLETE").write_text(json.dumps(marker))
+    ckpt.mark_complete(newest, 2)  # a marker that matches (sizes and hashes): only the reader refuses it
     code, err = cli("run", write_recipe(tmp_path / "r.yaml", raw), "--resume-from", newest)
     assert code == 2
     assert err.startswith(f"error: {newest / 'state.json'}: cannot restore the checkpoint: UnicodeDecodeError")

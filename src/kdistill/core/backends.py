@@ -17,7 +17,7 @@ from torch import nn
 
 from kdistill.core import checkpoint as ckpt
 from kdistill.core.components import Batch
-from kdistill.core.errors import RunFailed
+from kdistill.core.errors import KdistillError, RunFailed
 from kdistill.core.runtime import pick_device
 
 
@@ -158,6 +158,12 @@ class DeepSpeed:
         self.barrier()
 
     def load_checkpoint(self, path: Path, modules, optimizer) -> dict[str, Any]:
+        """Every rank hashes its share of the folder's files against the marker (the work is split, the
+        verdict shared); a mismatch anywhere stops every rank before DeepSpeed reads anything."""
+        reason = ckpt.verify_contents(path, self.rank, self.world_size)
+        if not self.agree(reason is None):
+            raise KdistillError(reason or f"{path}: a file's content does not match what was saved "
+                                          "(found by another process)")
         return self.run.load(path.parent, path.name)
 
     def result_fields(self) -> dict[str, Any]:

@@ -1,16 +1,27 @@
 """Atomic checkpoints with exact resume, in safetensors and JSON only (nothing unpickled).
 
 A checkpoint is written into a hidden temporary folder, each file fsynced, then a COMPLETE marker
-listing every file and its size; only then is the folder renamed to `step-NNNNNNNN`. A folder
-without a valid marker is never read.
+listing every file, its size and a content hash (SHA-256); only then is the folder renamed to
+`step-NNNNNNNN`. A folder without a valid marker is never read, and a file whose content no longer
+matches its hash is never loaded.
+
+Two levels of checking, on purpose: `check_complete` (sizes, a `stat` per file) is what listing,
+pruning and choosing a checkpoint use, since they run at every save over every kept checkpoint;
+`verify_contents` (reads and hashes every file) runs only when a checkpoint is about to be loaded.
+The hash guards against corruption (a flipped bit, a torn or overwritten file), not against an
+attacker, who can rewrite the marker too; against hostile content the loader itself holds (only
+safetensors and JSON are read).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +34,10 @@ from kdistill.core.errors import KdistillError
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
+# SHA-256: with the SHA extensions of current x86 and Arm CPUs OpenSSL hashes 1.2-1.5 GB/s per core,
+# twice hashlib's BLAKE2b on the same machine (benchmarks/checkpoint_hash.py prints both)
+HASH = "sha256"
+_CHUNK = 4 << 20  # read and hash in 4 MiB pieces: memory stays flat however large the file
 
 
 def _fsync_dir(path: Path) -> None:
@@ -123,29 +138,102 @@ def save_checkpoint(root: Path, step: int, modules: Mapping[str, nn.Module], opt
     return final
 
 
+def file_digest(path: Path, algorithm: str = HASH) -> str:
+    """The hex digest of `path`'s content, read in fixed pieces into one reused buffer."""
+    digest = hashlib.new(algorithm)
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _digests(folder: Path, names: list[str], algorithm: str) -> dict[str, str]:
+    """Digests of several files at once: hashlib and file reads release the GIL, so threads overlap
+    the model's and the optimizer's files (largest first, so the longest starts first)."""
+    ordered = sorted(names, key=lambda n: -(folder / n).stat().st_size)
+    workers = max(1, min(4, os.cpu_count() or 1, len(ordered)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = dict(zip(ordered, pool.map(lambda n: file_digest(folder / n, algorithm), ordered)))
+    return {n: found[n] for n in names}
+
+
 def mark_complete(folder: Path, step: int) -> None:
-    """Write the COMPLETE marker listing every file under `folder` (recursively) and its size."""
+    """Write the COMPLETE marker listing every file under `folder` (recursively), its size and its
+    content hash. The files are read back once after they were written and fsynced (usually from the
+    page cache), in pieces, so hashing adds no memory however large the checkpoint."""
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MARKER}
-    _write_bytes(folder / MARKER, json.dumps({"step": step, "files": files}).encode())
+    digests = _digests(folder, list(files), HASH)
+    _write_bytes(folder / MARKER, json.dumps({"step": step, "files": files, "hash": HASH, "digests": digests}).encode())
     _fsync_dir(folder)
 
 
-def check_complete(path: Path) -> str | None:
-    """None when `path` is a complete checkpoint, else the reason it is not."""
+def _marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The COMPLETE marker of `path`, checked for shape, or the reason it cannot be used."""
     marker = path / MARKER
     if not marker.is_file():
-        return f"{marker.name} marker missing"
+        return None, f"{marker.name} marker missing"
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, OSError):
-        return f"{marker} is unreadable"
-    for name, size in files.items():
+        value = json.loads(marker.read_text())
+    except (ValueError, OSError):
+        return None, f"{marker} is unreadable"
+    files = value.get("files") if isinstance(value, dict) else None
+    if not (isinstance(files, dict) and all(isinstance(n, str) and type(s) is int for n, s in files.items())):
+        return None, f"{marker} is unreadable"
+    if "digests" in value:
+        digests = value["digests"]
+        if not (isinstance(digests, dict) and digests.keys() == files.keys()
+                and all(isinstance(d, str) for d in digests.values())):
+            return None, f"{marker} is unreadable (its content hashes do not cover its files)"
+        if value.get("hash") not in hashlib.algorithms_guaranteed:
+            return None, f"{marker} is unreadable (unknown hash {value.get('hash')!r})"
+    return value, None
+
+
+def check_complete(path: Path) -> str | None:
+    """None when `path` is a complete checkpoint (every listed file there, at its size), else the
+    reason it is not. Cheap (no file is read); `verify_contents` checks what the files hold."""
+    marker, reason = _marker(path)
+    if marker is None:
+        return reason
+    for name, size in marker["files"].items():
         f = path / name
         if not f.is_file():
             return f"{f} is missing"
         if f.stat().st_size != size:
             return f"{f} has {f.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def verify_contents(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """None when every file of checkpoint `path` (or this rank's share, `rank::world_size`, so that
+    DeepSpeed's processes split the reading) hashes to what its marker recorded, else one line naming
+    the first file that does not. Call after `check_complete`.
+
+    A marker without hashes was written by kdistill before they were recorded: such a checkpoint is
+    accepted on its sizes alone, with a warning. Refusing it would strand every run in progress across
+    the upgrade (its only way on would be --overwrite, losing the training so far), and what it loses
+    is only what the old version never had; its next save writes a marker with hashes.
+    """
+    marker, reason = _marker(path)
+    if marker is None:
+        return reason
+    if "digests" not in marker:
+        if rank == 0:
+            warnings.warn(f"{path}: written by an older kdistill without content hashes; only its file sizes "
+                          "were checked", stacklevel=3)
+        return None
+    names = sorted(marker["digests"])[rank::world_size]
+    try:
+        found = _digests(path, names, marker["hash"])
+    except OSError as exc:
+        return f"{path}: cannot read the checkpoint: {type(exc).__name__}: {exc}"
+    for name in names:
+        if found[name] != marker["digests"][name]:
+            return (f"{path / name}: its content does not match what was saved "
+                    f"(its {marker['hash']} differs from the one in {MARKER})")
     return None
 
 
@@ -216,11 +304,16 @@ def _read(path: Path, reader):
 def load_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore modules, optimizer and RNG from `path`; returns the saved state mapping.
 
-    Only safetensors and JSON are read, so a hostile file can fail to load but never run code.
+    Every file must first hash to what the marker recorded (a corrupt checkpoint is refused before
+    anything is restored). Only safetensors and JSON are read, so a hostile file can fail to load but
+    never run code.
     """
     reason = check_complete(path)
     if reason is not None:
         raise KdistillError(f"{path}: not a complete checkpoint ({reason})")
+    reason = verify_contents(path)
+    if reason is not None:
+        raise KdistillError(reason)
     tensors = lambda p: load_file(str(p))  # noqa: E731
     text = lambda p: json.loads(p.read_text())  # noqa: E731
     weights = _read(path / "model.safetensors", tensors)
