@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,13 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 from conftest import engine_for, tiny_recipe, write_recipe
+from kdistill.cli import app
 from kdistill.core.config import resolve
-from kdistill.core.errors import ConfigError
+from kdistill.core.errors import ConfigError, KdistillError
 from kdistill.core.registry import Registry
 from kdistill.plugins.teachers.cache_store import TeacherCache, dequantize, quantize, shard_name, top_k_targets
-from kdistill.plugins.teachers.cached import cache_from_plan
+from kdistill.plugins.teachers.cached import cache_from_plan, source_identity
+from kdistill.plugins.teachers.hf import HFTeacher
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -165,3 +171,163 @@ def test_training_from_the_cache_runs_no_teacher_forward(tiny_assets, tmp_path):
     live_summary = engine_for(live).run()
     # with k = vocabulary the cache differs from the live teacher only by its quantization
     assert summary["after"]["train/forward-kl"] == pytest.approx(live_summary["after"]["train/forward-kl"], rel=2e-2)
+
+
+# ---------------------------------------------------------------------------------------- integrity
+
+REBUILD = "rebuild it with kdistill cache-teacher RECIPE"
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stderr
+
+
+def flip(path: Path, offset: int, count: int = 64) -> None:
+    """Overwrite `count` bytes at `offset` with their complement: different content, the same size."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        old = handle.read(count)
+        handle.seek(offset)
+        handle.write(bytes(b ^ 0xFF for b in old))
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_a_shard_changed_in_place_is_refused_naming_it_and_cache_teacher_repairs_it(tiny_assets, tmp_path):
+    raw = cached_recipe(tiny_assets, tmp_path, steps=6)  # 6 steps of 4 read all 20 sequences (one epoch)
+    raw["evaluators"] = []
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    cache_from_plan(plan_of(raw), progress=False)
+    pristine = shards(tmp_path / "cache")
+    code, err = cli("run", path)
+    assert code == 0, err[-2000:]
+    untouched = final_weights(tmp_path / "run")
+
+    shard = tmp_path / "cache" / shard_name(1)
+    flip(shard, shard.stat().st_size // 2)  # in the data, not the header: it still parses
+    assert shard.stat().st_size == len(pristine[shard.name])
+    code, err = cli("run", path, "--overwrite")
+    assert code == 2
+    # found mid-run (the progress bar above it on stderr): one line, no traceback
+    assert err.endswith(f"\nerror: teacher cache: {shard}: content does not match the manifest (changed after it was "
+                        f"written); {REBUILD}\n") and "Traceback" not in err
+    assert not (tmp_path / "run" / "final").exists()
+
+    # the message's remedy: cache-teacher recomputes only the changed shard, to the same bytes
+    code, err = cli("cache-teacher", path)
+    assert code == 0, err
+    assert shards(tmp_path / "cache") == pristine
+    code, err = cli("run", path, "--overwrite")
+    assert code == 0, err[-2000:]
+    repaired = final_weights(tmp_path / "run")
+    assert untouched.keys() == repaired.keys() and all(torch.equal(untouched[k], repaired[k]) for k in untouched)
+
+
+def test_a_permuted_index_or_shard_is_refused(tiny_assets, tmp_path):
+    raw = cached_recipe(tiny_assets, tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    cache_from_plan(plan_of(raw), progress=False)
+    folder = tmp_path / "cache"
+    index = folder / "index.safetensors"
+    original = index.read_bytes()
+    tensors = load_file(str(index))
+    order = torch.arange(len(tensors["keys"])).roll(1)  # every key now points at another sequence's row
+    save_file({"keys": tensors["keys"][order].clone(), "shard": tensors["shard"], "row": tensors["row"]}, str(index))
+    assert index.stat().st_size == len(original) and index.read_bytes() != original
+    code, err = cli("run", path)
+    assert code == 2
+    assert err == f"error: teacher cache: {index}: content does not match the manifest (changed after it was written); {REBUILD}\n"
+    assert not (tmp_path / "run").exists()  # refused while loading the teacher, before the run folder exists
+    index.write_bytes(original)
+
+    # a shard whose rows (keys included) are permuted consistently: a valid file of the same size
+    shard = folder / shard_name(2)
+    size = shard.stat().st_size
+    rows = load_file(str(shard))
+    flipped = {name: value.flip(0).contiguous() for name, value in rows.items()}
+    with safe_open(str(shard), "pt") as handle:
+        metadata = handle.metadata()
+    save_file(flipped, str(shard), metadata=metadata)
+    cache = TeacherCache(folder)  # sizes, headers and the index check out; the hash is checked on first use
+    assert shard.stat().st_size == size
+    cache.lookup(load_file(str(folder / shard_name(0)))["keys"][:2])  # shard 0 is intact: served
+    with pytest.raises(KdistillError) as err:
+        cache.lookup(rows["keys"][:1])
+    assert str(err.value) == f"teacher cache: {shard}: content does not match the manifest (changed after it was written); {REBUILD}"
+
+
+def test_a_truncated_or_mangled_shard_is_one_line_naming_it(tiny_assets, tmp_path):
+    raw = cached_recipe(tiny_assets, tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    cache_from_plan(plan_of(raw), progress=False)
+    shard = tmp_path / "cache" / shard_name(0)
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-100])
+    code, err = cli("run", path)
+    assert code == 2
+    assert err == (f"error: teacher cache: {shard}: {len(original) - 100} bytes where the manifest says {len(original)} "
+                   f"(truncated or replaced); {REBUILD}\n")
+    shard.write_bytes(b"\xff" * 8 + original[8:])  # a header length past the end of the file; the same size
+    code, err = cli("run", path)
+    assert code == 2
+    assert err.startswith(f"error: teacher cache: {shard}: not a readable safetensors file (SafetensorError: ")
+    assert err.endswith(f"); {REBUILD}\n") and err.count("\n") == 1
+    shard.unlink()
+    code, err = cli("run", path)
+    assert (code, err) == (2, f"error: teacher cache: {shard}: missing; {REBUILD}\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cache_of_the_older_format_is_refused(tiny_assets, tmp_path):
+    raw = cached_recipe(tiny_assets, tmp_path)
+    cache_from_plan(plan_of(raw), progress=False)
+    manifest = tmp_path / "cache" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    old["format"] = "kdistill-teacher-cache/1"
+    del old["shards"], old["index"]
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(ConfigError) as err:
+        TeacherCache(tmp_path / "cache")
+    assert str(err.value) == (f"teacher.options.path: the teacher cache at {tmp_path / 'cache'} has the older format "
+                              "kdistill-teacher-cache/1 (no content hashes; its teacher known by path, not weights); "
+                              f"{REBUILD} --overwrite")
+
+
+def test_a_teacher_re_saved_at_the_same_path_with_other_weights_is_refused(tiny_assets, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_assets["teacher"], teacher)
+    raw = cached_recipe(tiny_assets, tmp_path, steps=1)
+    raw["evaluators"] = []
+    raw["teacher"]["options"]["source"]["model"] = str(teacher)
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    cache_from_plan(plan_of(raw), progress=False)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(teacher, moved)  # the identity is the weights, not the path
+    assert source_identity(HFTeacher.Options(model=str(moved))) == source_identity(HFTeacher.Options(model=str(teacher)))
+
+    weights = teacher / "model.safetensors"
+    header = weights.read_bytes()[:8 + int.from_bytes(weights.read_bytes()[:8], "little")]
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher)).save_pretrained(teacher)  # re-initialised
+    # the same shapes: the same safetensors header and size, so a digest of headers and sizes would not see it
+    assert weights.read_bytes().startswith(header)
+    assert source_identity(HFTeacher.Options(model=str(moved))) != source_identity(HFTeacher.Options(model=str(teacher)))
+
+    code, err = cli("run", path)
+    assert code == 2
+    assert err == (f"error: teacher.options.source.model: the teacher at {teacher} has other weights than the ones the "
+                   f"cache at {tmp_path / 'cache'} was built from; {REBUILD} --overwrite\n")
+    assert not (tmp_path / "run").exists()
+    code, err = cli("cache-teacher", path)
+    assert code == 2 and err.startswith(f"error: teacher.options.path: {tmp_path / 'cache'} holds a cache of something "
+                                        "else: teacher (cache {")
+    code, err = cli("cache-teacher", path, "--overwrite")
+    assert code == 0, err
+    code, err = cli("run", path)
+    assert code == 0, err[-2000:]

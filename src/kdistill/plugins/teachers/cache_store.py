@@ -24,6 +24,12 @@ renormalizes the k + 1 bins (top k and tail) so they sum to one.
 Shards are written to a temporary name, fsynced and renamed: an interrupted write resumes at the
 first missing shard and yields the same files as a write in one go. Reading is memory-mapped
 (safetensors), one row at a time; the cache is never loaded whole.
+
+Integrity (format 2): the manifest records the size and sha256 of every shard and of the index. A
+reader checks sizes, headers and the index when it opens the cache, and each shard's hash the first
+time a lookup reads from it; a file that differs is refused in one line naming it. A writer keeps the
+shards whose hash still matches and recomputes the others. The teacher is identified by its weights
+(`weights_digest`), not by its path.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from kdistill import ConfigError, SparseTargets
+from kdistill import ConfigError, KdistillError, SparseTargets
 
-FORMAT = "kdistill-teacher-cache/1"
+FORMAT = "kdistill-teacher-cache/2"  # 2: sha256 of every shard and of the index; the teacher known by its weights
+OLD_FORMATS = ("kdistill-teacher-cache/1",)  # no content hashes, the teacher known by its path: refused
 MANIFEST = "manifest.json"
 INDEX = "index.safetensors"
 LEVELS = 255
@@ -50,6 +58,12 @@ LEVELS = 255
 # manifest fields that must match between a cache and the run that uses it (or resumes writing it)
 IDENTITY_FIELDS = ("format", "teacher", "tokenizer", "data_fingerprint", "k", "temperature", "shard_sequences",
                    "n_sequences", "seq_len", "vocab_size", "ids_dtype")
+
+
+CHUNK = 4 << 20  # bytes per read when hashing a file
+TENSOR_SAMPLE = 4096  # bytes of each teacher tensor hashed at its start, middle and end
+GGUF_SAMPLES, GGUF_SAMPLE = 64, 1 << 16  # a GGUF teacher: 64 evenly spaced 64 KiB reads
+REBUILD = "rebuild it with kdistill cache-teacher RECIPE"
 
 
 def shard_name(index: int) -> str:
@@ -112,6 +126,109 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [f"{name} (cache {a.get(name)!r}, now {b.get(name)!r})" for name in IDENTITY_FIELDS if a.get(name) != b.get(name)]
 
 
+# ------------------------------------------------------------------------------------ integrity
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            n = handle.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What the manifest keeps of a cache file: its size and content hash."""
+    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+
+
+def damaged(path: Path, reason: str) -> KdistillError:
+    return KdistillError(f"teacher cache: {path}: {reason}; {REBUILD}")
+
+
+def _sample(handle, digest, start: int, length: int, size: int) -> None:
+    """Hash `length` bytes from `start`: whole when short, else at its start, middle and end."""
+    spans = [(start, length)] if length <= 3 * size else \
+        [(start, size), (start + (length - size) // 2, size), (start + length - size, size)]
+    for offset, count in spans:
+        handle.seek(offset)
+        digest.update(handle.read(count))
+
+
+def _safetensors_identity(path: Path, digest, field: str) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} in a file of {size} bytes")
+            header_bytes = handle.read(n)
+            header = json.loads(header_bytes)
+            spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1])) for k, v in header.items()
+                           if k != "__metadata__")
+            if any(not 0 <= a <= b <= size - 8 - n for a, b in spans):
+                raise ValueError("tensor data outside the file")
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise ConfigError(f"{field}: {path} is not a safetensors file ({exc})") from None
+        digest.update(f"{path.name}\0{size}\0".encode())
+        digest.update(header_bytes)
+        for a, b in spans:
+            _sample(handle, digest, 8 + n + a, b - a, TENSOR_SAMPLE)
+
+
+def _canonical_json(path: Path, drop: tuple[str, ...], field: str) -> bytes:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{field}: {path} is not readable JSON ({exc})") from None
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in drop}
+    return json.dumps(value, sort_keys=True).encode()
+
+
+def weights_digest(model: Path, gguf_file: str | None = None, field: str = "teacher.options.source.model") -> str:
+    """The teacher's identity from its files, not its path, reading only a little of each.
+
+    A safetensors folder: every `*.safetensors` file's name, size and header, 4 KiB at the start, middle
+    and end of every tensor's data (a whole tensor when it is under 12 KiB), and `config.json` (without
+    `transformers_version` and `_name_or_path`) and the weight index. Headers and sizes alone are not
+    enough: a model re-initialised or retrained in place has the same shapes, so the same headers. A GGUF
+    file: its size and 64 evenly spaced 64 KiB samples.
+    """
+    model = Path(model)
+    if gguf_file is None and model.suffix == ".gguf":
+        model, gguf_file = model.parent, model.name
+    target = model / gguf_file if gguf_file else model
+    if not target.exists():
+        raise ConfigError(f"{field}: {target} does not exist, so the cache cannot be checked against its teacher "
+                          "(drop teacher.options.source to use the cache without it)")
+    digest = hashlib.sha256()
+    if gguf_file:
+        size = target.stat().st_size
+        digest.update(f"gguf\0{size}\0".encode())
+        with open(target, "rb") as handle:
+            for i in range(GGUF_SAMPLES):
+                handle.seek(max(0, (size - GGUF_SAMPLE) * i // (GGUF_SAMPLES - 1)))
+                digest.update(handle.read(GGUF_SAMPLE))
+        return digest.hexdigest()[:32]
+    files = sorted(target.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{field}: {target} holds no *.safetensors weights")
+    for path in files:
+        _safetensors_identity(path, digest, field)
+    for name, drop in (("config.json", ("transformers_version", "_name_or_path")), ("model.safetensors.index.json", ())):
+        if (target / name).is_file():
+            digest.update(name.encode() + b"\0" + _canonical_json(target / name, drop, field))
+    return digest.hexdigest()[:32]
+
+
 # ------------------------------------------------------------------------------------ writing
 
 
@@ -136,8 +253,14 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
                 "ids_dtype": str(ids_dtype(vocab)).replace("torch.", ""), "complete": False}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MANIFEST
+    n_shards = math.ceil(len(keys) / shard_sequences)
+    kept: dict[str, dict[str, Any]] = {}  # shards already written whose size and hash still match the manifest
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        old = old if isinstance(old, dict) else {}
         differ = _differences(old, manifest)
         if differ and not overwrite:
             raise ConfigError(f"teacher.options.path: {folder} holds a cache of something else: {'; '.join(differ)}; "
@@ -145,18 +268,23 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
         if differ:
             shutil.rmtree(folder)
             folder.mkdir(parents=True)
-        elif old.get("complete"):
-            return old
+        else:
+            kept = _intact_shards(folder, n_shards, old.get("shards") or {})
+            if old.get("complete") and len(kept) == n_shards and _matches(folder / INDEX, old.get("index")):
+                return old
+    manifest["shards"] = dict(kept)
     _write_json(path, manifest)
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 
-    n_shards = math.ceil(len(keys) / shard_sequences)
-    done = sum(min(shard_sequences, len(keys) - i * shard_sequences) for i in range(n_shards) if (folder / shard_name(i)).exists())
+    done = sum(min(shard_sequences, len(keys) - i * shard_sequences) for i in range(n_shards) if shard_name(i) in kept)
     bar = _progress(progress, len(keys), done)
+    records: dict[str, dict[str, Any]] = {}
     for index in range(n_shards):
         target = folder / shard_name(index)
-        if target.exists():
+        if target.name in kept:
+            records[target.name] = kept[target.name]
             continue
+        target.unlink(missing_ok=True)  # missing, changed since it was written, or written but never recorded
         shard_keys = keys[index * shard_sequences:(index + 1) * shard_sequences]
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "q", "hi", "lo", "log_tail")}
         worst = 0.0
@@ -174,13 +302,29 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
         tmp = folder / f".tmp-{target.name}"
         save_file(tensors, str(tmp), metadata={"max_abs_logprob_error": repr(worst)})
         _fsync(tmp)
+        records[target.name] = file_record(tmp)
         os.replace(tmp, target)
+        manifest["shards"] = {**kept, **records}
+        _write_json(path, manifest)  # a resumed write keeps this shard
     bar.close()
+    manifest["shards"] = records  # in shard order
     _write_index(folder, n_shards)
+    manifest["index"] = file_record(folder / INDEX)
     stats = _stats(folder, n_shards, manifest)
     manifest.update(complete=True, **stats)
     _write_json(path, manifest)
     return manifest
+
+
+def _matches(path: Path, record: Any) -> bool:
+    """Whether the file exists with the size and content hash of its manifest record."""
+    return (isinstance(record, dict) and path.is_file() and path.stat().st_size == record.get("bytes")
+            and file_digest(path) == record.get("sha256"))
+
+
+def _intact_shards(folder: Path, n_shards: int, records: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {shard_name(i): records[shard_name(i)] for i in range(n_shards)
+            if _matches(folder / shard_name(i), records.get(shard_name(i)))}
 
 
 def _write_index(folder: Path, n_shards: int) -> None:
@@ -215,6 +359,15 @@ def _stats(folder: Path, n_shards: int, manifest: dict[str, Any]) -> dict[str, A
     return {"tokens": tokens, "shard_bytes": size, "bytes_per_token": size / tokens, "max_abs_logprob_error": worst}
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def file_hash(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
 def _progress(enabled: bool, total: int, done: int):
     from tqdm.auto import tqdm
 
@@ -232,25 +385,75 @@ class TeacherCache:
         path = self.folder / MANIFEST
         if not path.is_file():
             raise ConfigError(f"{field}: no teacher cache at {self.folder} (write it with: kdistill cache-teacher RECIPE)")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format") != FORMAT:
+        try:
+            self.manifest = json.loads(path.read_text())
+        except ValueError as exc:
+            raise damaged(path, f"not readable JSON ({exc})") from None
+        version = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+        if version in OLD_FORMATS:
+            raise ConfigError(f"{field}: the teacher cache at {self.folder} has the older format {version} (no content "
+                              f"hashes; its teacher known by path, not weights); {REBUILD} --overwrite")
+        if version != FORMAT:
             raise ConfigError(f"{field}: {path} is not a kdistill teacher cache of format {FORMAT}")
         if not self.manifest.get("complete"):
             raise ConfigError(f"{field}: the teacher cache at {self.folder} is incomplete (an interrupted write); "
                               "run kdistill cache-teacher RECIPE again to finish it")
-        n_shards = math.ceil(self.manifest["n_sequences"] / self.manifest["shard_sequences"])
+        try:
+            n_shards = math.ceil(self.manifest["n_sequences"] / self.manifest["shard_sequences"])
+            self.temperature = float(self.manifest["temperature"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise damaged(path, f"not a complete manifest ({_first_line(exc)})") from None
+        records = self.manifest.get("shards") or {}
         self._handles = []
         for index in range(n_shards):
             shard = self.folder / shard_name(index)
-            if not shard.is_file():
-                raise ConfigError(f"{field}: {shard} is missing")
-            self._handles.append(safe_open(str(shard), "pt"))
-        if not (self.folder / INDEX).is_file():
-            raise ConfigError(f"{field}: {self.folder / INDEX} is missing")
-        with safe_open(str(self.folder / INDEX), "pt") as handle:
-            keys, shards, rows = (handle.get_tensor(name).tolist() for name in ("keys", "shard", "row"))
+            self._handles.append(self._open(shard, records.get(shard.name)))
+        self._verified: set[int] = set()  # shards whose content hash has been checked (on first use)
+        index_path = self.folder / INDEX
+        self._present(index_path, self.manifest.get("index"))
+        content = index_path.read_bytes()  # small (16 bytes a sequence): hashed and parsed from one read
+        if file_hash(content) != self.manifest["index"]["sha256"]:
+            raise damaged(index_path, "content does not match the manifest (changed after it was written)")
+        try:
+            index = load_safetensors_bytes(content)
+            keys, shards, rows = (index[name].tolist() for name in ("keys", "shard", "row"))
+        except (SafetensorError, KeyError, ValueError) as exc:
+            raise damaged(index_path, f"not a readable index ({_first_line(exc)})") from None
         self._where: dict[int, tuple[int, int]] = {k: (s, r) for k, s, r in zip(keys, shards, rows)}
-        self.temperature = float(self.manifest["temperature"])
+
+    @staticmethod
+    def _present(path: Path, record: Any) -> None:
+        """The file exists, its manifest record too, and its size is the recorded one (truncated: refused here)."""
+        if not path.is_file():
+            raise damaged(path, "missing")
+        if not isinstance(record, dict) or "sha256" not in record or "bytes" not in record:
+            raise damaged(path, "has no content hash in the manifest")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise damaged(path, f"{size} bytes where the manifest says {record['bytes']} (truncated or replaced)")
+
+    def _open(self, path: Path, record: Any):
+        self._present(path, record)
+        try:
+            return safe_open(str(path), "pt")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise damaged(path, f"not a readable safetensors file ({_first_line(exc)})") from None
+
+    def _shard(self, index: int):
+        """The open shard `index`, its content hash checked the first time it is read from."""
+        if index not in self._verified:
+            path = self.folder / shard_name(index)
+            if file_digest(path) != self.manifest["shards"][path.name]["sha256"]:
+                raise damaged(path, "content does not match the manifest (changed after it was written)")
+            self._verified.add(index)
+        return self._handles[index]
+
+    def check_teacher(self, identity: dict[str, Any], model: str) -> None:
+        """Refuse a cache built from other teacher weights than those now at `model`."""
+        cached = self.manifest.get("teacher") or {}
+        if cached.get("weights") != identity.get("weights"):
+            raise ConfigError(f"teacher.options.source.model: the teacher at {model} has other weights than the ones the "
+                              f"cache at {self.folder} was built from; {REBUILD} --overwrite")
 
     def check(self, expected: dict[str, Any], field: str = "teacher.options.path") -> None:
         """Refuse a cache computed from other data, tokenizer, k or temperature, naming the fields."""
@@ -268,7 +471,7 @@ class TeacherCache:
             rows.append(where)
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "q", "hi", "lo", "log_tail")}
         for shard, row in rows:
-            handle = self._handles[shard]
+            handle = self._shard(shard)
             for name in parts:
                 parts[name].append(handle.get_slice(name)[row:row + 1])
         t = {name: torch.cat(values) for name, values in parts.items()}

@@ -13,14 +13,17 @@ from pydantic import Field
 
 import kdistill
 from kdistill import ConfigError, resolve_path
-from kdistill.plugins.teachers.cache_store import TeacherCache, vocab_digest, write_cache
+from kdistill.plugins.teachers.cache_store import TeacherCache, vocab_digest, weights_digest, write_cache
 from kdistill.plugins.teachers.hf import HFTeacher
 from kdistill.toolkit import SET_HELP, fail, load_tokenizer, pick_device, plan_recipe, seed_everything
 
 
 def source_identity(options: HFTeacher.Options) -> dict:
-    """What the manifest records about the teacher the cache came from."""
-    return {"provider": HFTeacher.name, **options.model_dump(mode="json")}
+    """What the manifest records about the teacher the cache came from: a digest of its weights and the
+    options that change its outputs; not its path (a teacher moved keeps its cache, one re-saved does not)."""
+    weights = weights_digest(resolve_path(options.model, "teacher.options.source.model"), options.gguf_file)
+    kept = options.model_dump(mode="json", exclude={"model", "gguf_file", "trust_remote_code"})
+    return {"provider": HFTeacher.name, "weights": weights, **kept}
 
 
 class CachedTeacher(kdistill.TeacherProvider):
@@ -77,6 +80,7 @@ class CachedTeacher(kdistill.TeacherProvider):
                     "temperature": self.options.temperature}
         if self.options.source is not None:
             expected["teacher"] = source_identity(self.options.source)
+            self.cache.check_teacher(expected["teacher"], self.options.source.model)
         self.cache.check(expected)
 
     def outputs(self, batch: kdistill.Batch, needs: kdistill.Needs) -> kdistill.ModelOutputs:
