@@ -9,6 +9,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import engine_for, write_recipe
@@ -204,3 +205,21 @@ def test_a_model_folder_behind_links_still_loads(recipe_factory, tiny_assets, tm
     engine = engine_for(raw)
     engine.run()
     assert engine.teacher.model.config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("state, why", [([1, 2], "a JSON list, not an object"),
+                                        ({"step": "2"}, "missing or malformed: step, best, before, data_fingerprint, result_fields")])
+def test_a_state_file_of_the_wrong_shape_is_a_corrupt_checkpoint(recipe_factory, tmp_path, state, why):
+    from kdistill.core.checkpoint import mark_complete
+
+    raw = recipe_factory(steps=2, save_every=1)
+    assert run(tmp_path, raw)[0] == 0
+    shutil.rmtree(tmp_path / "run" / "final")  # as if it died before the final model
+    newest = tmp_path / "run" / "checkpoints" / "step-00000002"
+    (newest / "state.json").write_text(json.dumps(state))
+    mark_complete(newest, 2)  # resealed: only the shape is wrong
+    line = f"error: {newest / 'state.json'}: not a checkpoint state ({why})\n"
+    assert run(tmp_path, raw, "--resume-from", newest) == (2, line)
+    with pytest.warns(UserWarning, match=f"skipping checkpoint {newest}: {newest / 'state.json'}: not a checkpoint state"):
+        summary = engine_for(raw).run(resume=True)  # falls back to step 1 and trains step 2 again
+    assert summary["after"]["train/loss"] > 0

@@ -133,18 +133,40 @@ def clear(out: Path) -> None:
 def restore(backend, out: Path, start_from: Path, exact: bool, modules, optimizer) -> tuple[Path, dict[str, Any]]:
     """Load `start_from`; unless `exact`, a corrupt one is named in a warning and older complete ones
     are tried in turn (one process only: DeepSpeed's shards load as one checkpoint or not at all)."""
+    def load(path: Path) -> dict[str, Any]:
+        return checked_state(backend.load_checkpoint(path, modules, optimizer), path)
+
     if exact or not backend.falls_back:
-        return start_from, backend.load_checkpoint(start_from, modules, optimizer)
+        return start_from, load(start_from)
     root = out / "checkpoints"
     candidates = [p for p in reversed(ckpt.list_checkpoints(root)) if p.name <= start_from.name and ckpt.check_complete(p) is None]
     failures = []
     for path in candidates:
         try:
-            return path, backend.load_checkpoint(path, modules, optimizer)
+            return path, load(path)
         except KdistillError as exc:
             warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=3)
             failures.append(str(exc))
     raise KdistillError([f"--resume: no checkpoint under {root} could be restored"] + failures)
+
+
+def checked_state(state: Any, path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json has the shape kdistill writes: valid JSON of another shape is a corrupt
+    checkpoint (named, and skipped by --resume), not a KeyError later."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    shape = {"step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+             "best": lambda v: v is None or number(v),
+             "before": lambda v: isinstance(v, dict) and all(number(x) or x is None for x in v.values()),
+             "data_fingerprint": lambda v: isinstance(v, str),
+             "result_fields": lambda v: isinstance(v, dict)}
+    if not isinstance(state, dict):
+        raise KdistillError(f"{path / 'state.json'}: not a checkpoint state (a JSON {type(state).__name__}, not an object)")
+    wrong = [key for key, fits in shape.items() if key not in state or not fits(state[key])]
+    if wrong:
+        raise KdistillError(f"{path / 'state.json'}: not a checkpoint state (missing or malformed: {', '.join(wrong)})")
+    return state
 
 
 def check_resume_state(state: Mapping[str, Any], now: Mapping[str, Any], fingerprint: str, path: Path, force: bool) -> None:
