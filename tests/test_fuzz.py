@@ -17,18 +17,6 @@ from typer.testing import CliRunner
 
 from kdistill.cli import app
 
-BASE = {
-    "student": {"from_teacher": {"layers": [0, 3]}},
-    "teacher": {"name": "hf", "options": {"model": "/nonexistent/teacher"}},
-    "data": {"name": "text-files", "options": {"paths": ["/nonexistent/corpus.txt"], "seq_len": 32}},
-    "losses": [{"name": "forward-kl", "weight": 0.5, "options": {"temperature": 2.0}}, {"name": "cross-entropy"}],
-    "scheduler": {"name": "cosine-warmup", "options": {"warmup_steps": 2}},
-    "evaluators": [{"name": "perplexity"}],
-    "tracker": {"name": "jsonl"},
-    "train": {"steps": 6, "lr": 1e-3, "batch_size": 4},
-    "output_dir": "/nonexistent/out",
-}
-
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
@@ -39,6 +27,20 @@ RUNS = settings(max_examples=1500 if EXPLORE else 150, deadline=None, derandomiz
                 suppress_health_check=[HealthCheck.too_slow])
 
 FOLDER = Path(tempfile.mkdtemp(prefix="kdistill-fuzz-"))
+(FOLDER / "teacher").mkdir()  # the inputs exist, so that recipes can be valid (validate checks them)
+(FOLDER / "corpus.txt").write_text("some text\n")
+
+BASE = {
+    "student": {"from_teacher": {"layers": [0, 3]}},
+    "teacher": {"name": "hf", "options": {"model": str(FOLDER / "teacher")}},
+    "data": {"name": "text-files", "options": {"paths": [str(FOLDER / "corpus.txt")], "seq_len": 32}},
+    "losses": [{"name": "forward-kl", "weight": 0.5, "options": {"temperature": 2.0}}, {"name": "cross-entropy"}],
+    "scheduler": {"name": "cosine-warmup", "options": {"warmup_steps": 2}},
+    "evaluators": [{"name": "perplexity"}],
+    "tracker": {"name": "jsonl"},
+    "train": {"steps": 6, "lr": 1e-3, "batch_size": 4},
+    "output_dir": str(FOLDER / "out"),
+}
 
 
 def paths(node, prefix=()):
@@ -68,6 +70,11 @@ def check(result):
     if result.exit_code == 2:
         lines = result.stderr.splitlines()
         assert lines and all(line.startswith("error: ") for line in lines), result.stderr
+
+
+def test_the_unmutated_recipe_is_valid():
+    result = validate(yaml.safe_dump(BASE, sort_keys=False))
+    assert result.exit_code == 0, result.stderr
 
 
 @RUNS

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 from conftest import engine_for, write_recipe
@@ -103,8 +104,8 @@ def test_disk_full_during_a_checkpoint_is_one_line_naming_what_was_kept(recipe_f
     def fills_the_disk(tensors, path):
         calls["n"] += 1
         if "step-00000002" in path:
-            Path(path).write_bytes(b"\0" * 10)  # a partial file, as a full disk leaves it
-            raise OSError(errno.ENOSPC, "No space left on device", path)
+            Path(path).write_bytes(b"\0" * 10)  # a partial file, as a full disk leaves it, and safetensors' own error
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, path)
 
     monkeypatch.setattr(ckpt, "save_file", fills_the_disk)
@@ -119,6 +120,20 @@ def test_disk_full_during_a_checkpoint_is_one_line_naming_what_was_kept(recipe_f
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
+def test_disk_full_while_saving_the_final_model_is_one_line(recipe_factory, tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)  # what save_pretrained calls
+    code, err = run(tmp_path, recipe_factory(steps=1))
+    partial = next((tmp_path / "run").glob(".tmp-final-*"))
+    assert (code, err) == (1, f"error: the run stopped: {partial}: No space left on device; no complete checkpoint "
+                              "was written\n")
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_a_student_config_transformers_cannot_build_is_refused_by_validate(recipe_factory, tmp_path):
     raw = recipe_factory(steps=1)
     raw["student"] = {"config": {"model_type": "nonsense", "vocab_size": 64}}
@@ -131,14 +146,20 @@ def test_a_student_config_transformers_cannot_build_is_refused_by_validate(recip
     assert err.startswith("error: student.config: cannot build a model from it: RuntimeError: ") and "-32" in err
     assert run(tmp_path, raw) == (code, err)
     assert not (tmp_path / "run").exists()
+    raw["student"]["config"]["hidden_size"] = 0  # transformers raises ZeroDivisionError here (its words vary by version)
+    code, err = validate(tmp_path, raw)
+    assert (code, err.count("\n")) == (2, 1)
+    assert err.startswith("error: student.config: cannot build a model from it: ZeroDivisionError: ")
+    raw["student"]["config"].update(hidden_size=32, num_hidden_layers=1_000_000)  # refused before building anything
+    assert validate(tmp_path, raw) == (2, "error: student.config: 1,000,000 layers; kdistill builds students of at most 1,024\n")
 
 
 def test_sequences_longer_than_learned_positions_are_refused_before_anything_is_written(recipe_factory, tmp_path):
     raw = recipe_factory(steps=1)
     raw["student"] = {"config": {"model_type": "gpt2", "vocab_size": 300, "n_embd": 16, "n_layer": 1, "n_head": 2,
                                  "n_positions": 16, "bos_token_id": 1, "eos_token_id": 1}}
-    assert run(tmp_path, raw) == (2, "error: data: sequences of 32 tokens are longer than the student can read "
-                                     "(n_positions: 16, learned positions); lower the data's seq_len\n")
+    assert run(tmp_path, raw) == (2, "error: data.options.seq_len: sequences of 32 tokens are longer than the student "
+                                     "can read (n_positions: 16, learned positions)\n")
     assert not (tmp_path / "run").exists()
     raw["data"]["options"]["seq_len"] = 16  # a rotary teacher of 256 positions and a student of 16: fine
     assert run(tmp_path, raw)[0] == 0

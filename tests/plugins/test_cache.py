@@ -331,3 +331,27 @@ def test_a_teacher_re_saved_at_the_same_path_with_other_weights_is_refused(tiny_
     assert code == 0, err
     code, err = cli("run", path)
     assert code == 0, err[-2000:]
+
+
+def test_a_cache_trains_on_a_machine_without_its_teacher(tiny_assets, tmp_path):
+    """The teacher may stay where the cache was written: validate passes, the run warns that the cache is
+    not checked against the weights, and trains as it would with the teacher present."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_assets["teacher"], teacher)
+    raw = cached_recipe(tiny_assets, tmp_path, steps=2)
+    raw["teacher"]["options"].update(source={"model": str(teacher)}, load_source=False)
+    raw["student"] = {"model": tiny_assets["teacher"]}
+    raw["evaluators"] = []
+    cache_from_plan(plan_of(raw), progress=False)
+    with_teacher = engine_for(raw).run()
+    shutil.rmtree(teacher)
+    raw["output_dir"] = str(tmp_path / "without")
+    assert cli("validate", write_recipe(tmp_path / "r.yaml", raw))[0] == 0
+    with pytest.warns(UserWarning, match=f"teacher.options.source.model: {teacher} is not on this machine; the cache at "
+                                         f"{tmp_path / 'cache'} is used without checking it against the teacher's weights"):
+        without = engine_for(raw).run()
+    assert without["after"]["train/loss"] == with_teacher["after"]["train/loss"]
+    raw["teacher"]["options"]["load_source"] = True  # the weights are needed now: refused in one line
+    with pytest.raises(ConfigError) as err:
+        engine_for(raw).run(overwrite=True)
+    assert str(err.value) == f"teacher.options.source.model: no such file or folder: {teacher} (teacher.options.load_source needs it)"

@@ -15,10 +15,12 @@ safetensors and JSON are read).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -58,9 +60,20 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+def os_error_of(exc: Exception, path: Path) -> OSError:
+    """safetensors reports a failed write (a full disk) as SafetensorError '... (os error 28)': the
+    OSError it stands for, naming the file, so that the run ends with one line that says so."""
+    found = re.search(r"os error (\d+)", str(exc))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     # clone: tied weights share storage, which safetensors refuses to write twice
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
+    try:
+        save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as exc:
+        raise os_error_of(exc, path) from None
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
 
@@ -187,7 +200,7 @@ def _marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         if not (isinstance(digests, dict) and digests.keys() == files.keys()
                 and all(isinstance(d, str) for d in digests.values())):
             return None, f"{marker} is unreadable (its content hashes do not cover its files)"
-        if value.get("hash") not in hashlib.algorithms_guaranteed:
+        if value.get("hash") != HASH:
             return None, f"{marker} is unreadable (unknown hash {value.get('hash')!r})"
     return value, None
 
@@ -336,7 +349,10 @@ def atomic_save_pretrained(model: Any, tokenizer: Any, target: Path) -> None:
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    except SafetensorError as exc:
+        raise os_error_of(exc, tmp) from None
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     _fsync_dir(tmp)

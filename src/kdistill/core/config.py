@@ -209,8 +209,8 @@ class _RecipeLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, (str, int, float, bool)) and key is not None:
-                raise yaml.constructor.ConstructorError(None, None, "a key must be a name, not a list or mapping",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a string or number, not a "
+                                                        f"{type(key).__name__}", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
             seen.add(key)
@@ -387,10 +387,10 @@ def _model_fields(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list
     return list(getattr(current, "model_fields", {}))
 
 
-def resolve(raw: Any, registry: Registry, check_inputs: bool = True) -> Plan:
+def resolve(raw: Any, registry: Registry, check_inputs: bool = True, made_earlier: tuple[str, ...] = ()) -> Plan:
     """Validate a raw recipe against the schema and the installed components; all problems at once.
-    `check_inputs`: also check that the local files it names exist and that output_dir can be written
-    (off for a progressive chain's stages, whose teachers are made by the stages before them)."""
+    `check_inputs`: also check that the local files it names exist and that output_dir can be written,
+    except in the sections `made_earlier` (a progressive stage's teacher is made by the stage before)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe: must be a mapping of sections, not {type(raw).__name__}")
     problems: list[str] = []
@@ -442,7 +442,7 @@ def resolve(raw: Any, registry: Registry, check_inputs: bool = True) -> Plan:
     if recipe is not None and not problems:
         problems += _cross_checks(recipe, components)
     if recipe is not None and not problems and check_inputs:
-        problems += _input_checks(recipe, components)
+        problems += _input_checks(recipe, {slot: items for slot, items in components.items() if slot not in made_earlier})
     if recipe is None and not problems:
         problems = deferred
     if problems:

@@ -65,8 +65,8 @@ class Engine:
         self.data = required(plan.build("data", kinds.DataSource))
         with self.console.status("reading and tokenizing the data"):
             self.data.setup(self.tokenizer, t.seed)
-        check_positions(self.data.train_batch(0, 1).input_ids.shape[1],
-                        {"student": self.student, "teacher": getattr(self.teacher, "model", None)})
+        check_positions(self.data.train_batch(0, 1).input_ids.shape[1], {"student": self.student, "teacher": getattr(
+            self.teacher, "model", None)}, "data.options.seq_len" if hasattr(self.data.options, "seq_len") else "data")
         self.weights = [item.weight for item in plan.components["losses"]]  # numbers or schedules
         self.losses = [(item.entry.name, value_at(item.weight, 0, t.steps), _typed(item.build(), kinds.Loss))
                        for item in plan.components["losses"]]
@@ -139,9 +139,7 @@ class Engine:
         try:
             return self._run_locked(start_from, overwrite, resume_from, force)
         except OSError as exc:  # disk full, a folder made read-only mid-run: what was kept is what matters
-            latest = ckpt.latest_complete(self.ckpt_root)[0]
-            kept = f"the last complete checkpoint, {latest}, is kept" if latest else "no complete checkpoint was written"
-            raise RunFailed(f"the run stopped: {os_error_line(exc)}; {kept}") from None
+            raise RunFailed(f"the run stopped: {os_error_line(exc)}; {run_folder.what_is_kept(self.ckpt_root)}") from None
         finally:
             if lock is not None:
                 lock.close()

@@ -307,6 +307,9 @@ def student_from_teacher(teacher: LM, layers: list[int], dtype: str) -> nn.Modul
     return student.to(DTYPES[dtype])
 
 
+MAX_STUDENT_LAYERS = 1024  # a bound for validation: building even an empty model of 10^4 layers takes a minute
+
+
 def model_from_config(spec_config: dict[str, Any] | str, device: str | None = None) -> LM:
     """A fresh causal LM from the recipe's `student.config` (a mapping with `model_type`, or a config
     file or folder); on device "meta" it costs no memory, which is how validation checks it."""
@@ -330,11 +333,17 @@ def model_from_config(spec_config: dict[str, Any] | str, device: str | None = No
             if not path.exists():
                 raise ConfigError(f"student.config: no such file or folder: {path}")
             config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        layers = getattr(config, "num_hidden_layers", None)
+        if isinstance(layers, int) and layers > MAX_STUDENT_LAYERS:  # even an empty (meta) build takes minutes
+            raise ConfigError(f"student.config: {layers:,} layers; kdistill builds students of at most {MAX_STUDENT_LAYERS:,}")
         with torch.device(device) if device else contextlib.nullcontext():
             return AutoModelForCausalLM.from_config(config)
-    except (ValueError, TypeError, RuntimeError, KeyError, AttributeError, OSError) as exc:
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers' model code raises anything on a bad config (ZeroDivisionError, AssertionError, ImportError)
         first = (str(exc).splitlines() or [""])[0][:200]
         raise ConfigError(f"student.config: cannot build a model from it: {type(exc).__name__}: {first}") from None
+
 
 
 def _model_types() -> set[str]:
@@ -367,10 +376,10 @@ def build_student(spec, teacher_model: LM | None, teacher_tokenizer):
 _LEARNED_POSITIONS = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)$")
 
 
-def check_positions(length: int, models: dict[str, LM]) -> None:
+def check_positions(length: int, models: dict[str, LM], field: str) -> None:
     """A model with learned position embeddings (GPT-2, OPT, ...) cannot read past its last position; rotary
     models can, so only the former are checked. `length`: the tokens in one training sequence."""
-    for field, model in models.items():
+    for name, model in models.items():
         if model is None:
             continue
         learned = [name for name, module in model.named_modules()
@@ -378,8 +387,8 @@ def check_positions(length: int, models: dict[str, LM]) -> None:
         config = model.config
         key = next((k for k in ("n_positions", "max_position_embeddings") if isinstance(getattr(config, k, None), int)), None)
         if learned and key is not None and length > getattr(config, key):
-            raise ConfigError(f"data: sequences of {length} tokens are longer than the {field} can read ({key}: "
-                              f"{getattr(config, key)}, learned positions); lower the data's seq_len")
+            raise ConfigError(f"{field}: sequences of {length} tokens are longer than the {name} can read ({key}: "
+                              f"{getattr(config, key)}, learned positions)")
 
 
 def choose_attention(model: LM, device: torch.device) -> str:

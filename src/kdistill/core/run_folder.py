@@ -3,6 +3,7 @@ which checkpoint a resumed run restores (the newest that loads, or exactly the o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import warnings
@@ -86,9 +87,10 @@ class FolderLock:
     def close(self) -> None:
         if self.handle.closed:
             return
-        if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
-            (self.out / ".lock").unlink(missing_ok=True)
-            self.out.rmdir()
+        with contextlib.suppress(OSError):  # best effort: a folder gone, or a run that began meanwhile, is left be
+            if self.created and [p.name for p in self.out.iterdir()] == [".lock"]:
+                (self.out / ".lock").unlink()
+                self.out.rmdir()
         self.handle.close()
 
     def __enter__(self) -> "FolderLock":
@@ -148,6 +150,15 @@ def restore(backend, out: Path, start_from: Path, exact: bool, modules, optimize
             warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=3)
             failures.append(str(exc))
     raise KdistillError([f"--resume: no checkpoint under {root} could be restored"] + failures)
+
+
+def what_is_kept(root: Path) -> str:
+    """After a failed write: which checkpoint a --resume would start from (a folder that cannot even be
+    listed counts as none)."""
+    latest = None
+    with contextlib.suppress(OSError):
+        latest = ckpt.latest_complete(root)[0]
+    return f"the last complete checkpoint, {latest}, is kept" if latest else "no complete checkpoint was written"
 
 
 def checked_state(state: Any, path: Path) -> dict[str, Any]:

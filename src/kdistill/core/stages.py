@@ -19,7 +19,7 @@ class StageRunner:
         self.flatten = summary.flatten
 
     def resolve(self, raw: dict[str, Any]) -> Plan:
-        return resolve(raw, self.engine.registry, check_inputs=False)  # a stage's teacher is made by the stage before
+        return resolve(raw, self.engine.registry, made_earlier=("teacher",))  # a stage's teacher is made by the stage before
 
     def run(self, plan: Plan, resume: bool, overwrite: bool, force: bool) -> dict[str, Any]:
         return type(self.engine)(plan, self.engine.pm, self.engine.registry).run(resume=resume, overwrite=overwrite, force=force)

@@ -269,7 +269,8 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
             shutil.rmtree(folder)
             folder.mkdir(parents=True)
         else:
-            kept = _intact_shards(folder, n_shards, old.get("shards") or {})
+            records = old.get("shards")
+            kept = _intact_shards(folder, n_shards, records if isinstance(records, dict) else {})
             if old.get("complete") and len(kept) == n_shards and _matches(folder / INDEX, old.get("index")):
                 return old
     manifest["shards"] = dict(kept)
@@ -404,6 +405,8 @@ class TeacherCache:
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise damaged(path, f"not a complete manifest ({_first_line(exc)})") from None
         records = self.manifest.get("shards") or {}
+        if not isinstance(records, dict):
+            raise damaged(path, "not a complete manifest (its shards are not a mapping)")
         self._handles = []
         for index in range(n_shards):
             shard = self.folder / shard_name(index)

@@ -5,6 +5,7 @@ The store itself (file layout, writer, memory-mapped reader) is `cache_store`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, List
 
@@ -26,6 +27,19 @@ def source_identity(options: HFTeacher.Options) -> dict:
     return {"provider": HFTeacher.name, "weights": weights, **kept}
 
 
+def teacher_present(options: HFTeacher.Options) -> bool:
+    path = resolve_path(options.model, "teacher.options.source.model")
+    return (path / options.gguf_file if options.gguf_file else path).exists()
+
+
+class SourceOptions(HFTeacher.Options):
+    """The live teacher, as the `hf` teacher's options; its model need not be on the machine that trains
+    from the cache (validate does not require it): cache-teacher and load_source load it."""
+
+    model: str = Field(description="local folder, .gguf file, or pkg://PACKAGE/PATH; without it the cache is "
+                       "used unchecked against the teacher's weights")
+
+
 class CachedTeacher(kdistill.TeacherProvider):
     """Top-k log-probabilities with their token ids and tail mass, read from a cache; no teacher forward.
 
@@ -39,7 +53,7 @@ class CachedTeacher(kdistill.TeacherProvider):
 
     class Options(kdistill.ConstantTemperatureOptions):  # the temperature the log-probabilities are computed at
         path: str = Field(description="the cache folder")
-        source: HFTeacher.Options | None = Field(None, description="the live teacher the cache is computed from")
+        source: SourceOptions | None = Field(None, description="the live teacher the cache is computed from")
         k: int = Field(64, ge=1, description="log-probabilities kept per position")
         shard_sequences: int = Field(256, ge=1, description="sequences per shard file")
         load_source: bool = Field(False, description="also load the source model's weights (for a from_teacher "
@@ -53,6 +67,9 @@ class CachedTeacher(kdistill.TeacherProvider):
         if self.options.load_source:
             if self.options.source is None:
                 raise ConfigError("teacher.options.load_source: needs teacher.options.source")
+            if not teacher_present(self.options.source):
+                raise ConfigError(f"teacher.options.source.model: no such file or folder: {self.options.source.model} "
+                                  "(teacher.options.load_source needs it)")
             live = HFTeacher(self.options.source)
             live.load(device)
             self.model = live.model
@@ -78,9 +95,13 @@ class CachedTeacher(kdistill.TeacherProvider):
                                       f"{self.options.temperature} (teacher.options.temperature)")
         expected = {"data_fingerprint": data.fingerprint(), "tokenizer": vocab_digest(tokenizer), "k": self.options.k,
                     "temperature": self.options.temperature}
-        if self.options.source is not None:
-            expected["teacher"] = source_identity(self.options.source)
-            self.cache.check_teacher(expected["teacher"], self.options.source.model)
+        source = self.options.source
+        if source is not None and not self.options.load_source and not teacher_present(source):
+            warnings.warn(f"teacher.options.source.model: {source.model} is not on this machine; the cache at "
+                          f"{self.options.path} is used without checking it against the teacher's weights", stacklevel=2)
+        elif source is not None:
+            expected["teacher"] = source_identity(source)
+            self.cache.check_teacher(expected["teacher"], source.model)
         self.cache.check(expected)
 
     def outputs(self, batch: kdistill.Batch, needs: kdistill.Needs) -> kdistill.ModelOutputs:
