@@ -28,8 +28,6 @@ def test_core_imports_nothing_above_it_even_inside_functions():
              "kdistill.plugins", "kdistill.strategies", "kdistill.evaluators")
     found = []
     for path in sorted((ROOT / "src" / "kdistill" / "core").rglob("*.py")):
-        if path.name == "cli.py":  # the deprecated `python -m kdistill.core.cli` (until 0.2)
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
