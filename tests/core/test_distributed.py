@@ -94,6 +94,12 @@ def test_two_processes_match_one_and_resume_exactly(tiny_assets, tmp_path, stage
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def kdistill_run(recipe_path, *flags):
+    """`kdistill run` in a process of its own (DeepSpeed's single-process launch sets up its own state)."""
+    return subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(recipe_path), *flags], capture_output=True,
+                          text=True, env=ENV, timeout=600)
+
+
 @needs_deepspeed
 def test_a_resume_that_deepspeed_cannot_load_is_an_error(tiny_assets, tmp_path):
     """DeepSpeed alone returns quietly from load_checkpoint when there is nothing to load."""
@@ -103,8 +109,7 @@ def test_a_resume_that_deepspeed_cannot_load_is_an_error(tiny_assets, tmp_path):
     folder = tmp_path / "run" / "checkpoints" / "step-00000001"
     folder.mkdir(parents=True)
     (folder / "COMPLETE").write_text(json.dumps({"step": 1, "files": {}}))  # complete by our marker, empty for DeepSpeed
-    result = subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(path), "--resume"], capture_output=True,
-                            text=True, env=ENV, timeout=600)
+    result = kdistill_run(path, "--resume")
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (f"error: --resume: DeepSpeed could not load the checkpoint {folder} "
                                               "(AssertionError: its files are missing or unreadable)")
@@ -117,8 +122,7 @@ def test_a_flipped_bit_in_a_deepspeed_checkpoint_is_refused_before_deepspeed_rea
     raw = recipe(tiny_assets, tmp_path / "run", batch_size=2, steps=2, save_every=1)
     raw["distributed"] = {"backend": "deepspeed"}
     path = write_recipe(tmp_path / "r.yaml", raw)
-    subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(path)], check=True, capture_output=True, env=ENV,
-                   timeout=600)
+    assert kdistill_run(path).returncode == 0
     shutil.rmtree(tmp_path / "run" / "final")  # died before its final model
     folder = tmp_path / "run" / "checkpoints" / "step-00000002"
     marker = json.loads((folder / "COMPLETE").read_text())
@@ -127,12 +131,12 @@ def test_a_flipped_bit_in_a_deepspeed_checkpoint_is_refused_before_deepspeed_rea
     data = bytearray((folder / name).read_bytes())
     data[-5] ^= 0x01
     (folder / name).write_bytes(bytes(data))
-    result = subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(path), "--resume"], capture_output=True,
-                            text=True, env=ENV, timeout=600)
+    result = kdistill_run(path, "--resume")
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (f"error: {folder / name}: its content does not match what was saved "
                                               "(its sha256 differs from the one in COMPLETE)")
     assert not (tmp_path / "run" / "final").exists()
+
 
 def test_auto_values_come_from_the_recipe():
     train = TrainSpec(steps=10, batch_size=3, grad_accum=4, grad_clip=0.5, lr=2e-4, weight_decay=0.1)
