@@ -45,7 +45,7 @@ def resolve_path(value: str, field: str = "path") -> Path:
 @dataclass(frozen=True)
 class MustExist:
     """Marks an option as a local input that must exist before a run starts (checked by `kdistill validate`):
-    `what` is "file", "folder", "file or folder", or "pattern" (a file or a glob matching at least one file)."""
+    `what` is "file", "file or folder", or "pattern" (a file or a glob matching at least one file)."""
 
     what: str = "file or folder"
 
@@ -67,8 +67,6 @@ def missing_input(value: str, field: str, what: str) -> str | None:
         return None if any(os.path.isfile(m) for m in matches) else f"{field}: no such file: {value}"
     if what == "file":
         return None if path.is_file() else f"{field}: no such file: {path}"
-    if what == "folder":
-        return None if path.is_dir() else f"{field}: no such folder: {path}"
     return None if path.exists() else f"{field}: no such file or folder: {path}"
 
 
