@@ -345,7 +345,6 @@ def model_from_config(spec_config: dict[str, Any] | str, device: str | None = No
         raise ConfigError(f"student.config: cannot build a model from it: {type(exc).__name__}: {first}") from None
 
 
-
 def _model_types() -> set[str]:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -382,8 +381,8 @@ def check_positions(length: int, models: dict[str, LM], field: str) -> None:
     for name, model in models.items():
         if model is None:
             continue
-        learned = [name for name, module in model.named_modules()
-                   if isinstance(module, nn.Embedding) and _LEARNED_POSITIONS.search(name)]
+        learned = any(isinstance(module, nn.Embedding) and _LEARNED_POSITIONS.search(path)
+                      for path, module in model.named_modules())
         config = model.config
         key = next((k for k in ("n_positions", "max_position_embeddings") if isinstance(getattr(config, k, None), int)), None)
         if learned and key is not None and length > getattr(config, key):
