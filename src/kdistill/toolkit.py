@@ -7,10 +7,12 @@ and evaluators are held to the same rule (tests/core/test_layering.py checks it)
 - The recipe's losses on a micro-batch, logit losses on the fused path (chunks from hidden states,
   no full logits): `LossStep` with `StepOptions` (a strategy composes one; `weighted_losses` for
   the plain sum), or `fused_logit_loss` and its helpers directly.
-- Frozen models (a teacher, an EMA copy): `frozen_outputs`.
+- Frozen models (a teacher, an EMA copy): `frozen_outputs`; `model_dtype` for `Batch.model_inputs`.
 - Hidden states and attention maps of chosen layers: `capture`, `num_layers`, `check_pairs`.
 - Models: `load_causal_lm`, `load_tokenizer`, `student_from_teacher`, `decoder_layers`,
   `choose_attention` (SDPA, or flash attention 2 on CUDA where installed).
+- Conversations: `read_table` (local data through `datasets`), `prompt_ids` (a prompt in the chat
+  template), `sample_completions` (batched generation with a KV cache), `stop_ids`, `check_chat_template`.
 - Runs: `pick_device`, `seed_everything`.
 - Figures: `loss_curves`, `sweep_plot`, `histogram`, `bars` (headless PNG files).
 - Commands (from `kd_register_commands`): `recipe_path`, `plan_recipe`, `fail`, `track_side_run`, `SET_HELP`.
@@ -23,9 +25,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kdistill.core.capture import attention_module, capture, num_layers
+from kdistill.core.chat import GENERATION_MANIFEST, ROLES, check_chat_template, prompt_ids, read_table, sample_completions, stop_ids
 from kdistill.core.components import check_pairs
 from kdistill.core.errors import KdistillError
-from kdistill.core.fused import TeacherRows, final_hidden, frozen_outputs, fused_logit_loss, fused_supported
+from kdistill.core.fused import TeacherRows, final_hidden, frozen_outputs, fused_logit_loss, fused_supported, model_dtype
 from kdistill.core.models import choose_attention, decoder_layers, load_causal_lm, load_tokenizer, student_from_teacher
 from kdistill.core.plots import bars, histogram, loss_curves, sweep_plot
 from kdistill.core.runtime import pick_device, seed_everything
@@ -81,9 +84,10 @@ def track_side_run(plan, suffix: str, params: dict[str, Any], metrics: list[dict
 
 
 __all__ = [
-    "RECIPES_DIR", "SET_HELP", "FeatureBridge", "LossStep", "StepOptions", "TeacherRows", "use_eager_attention",
+    "GENERATION_MANIFEST", "RECIPES_DIR", "ROLES", "SET_HELP", "check_chat_template", "prompt_ids", "read_table",
+    "sample_completions", "stop_ids", "FeatureBridge", "LossStep", "StepOptions", "TeacherRows", "use_eager_attention",
     "weighted_losses", "attention_module", "bars", "capture", "check_pairs", "choose_attention",
     "decoder_layers", "fail", "final_hidden", "frozen_outputs", "fused_logit_loss", "fused_supported", "histogram",
-    "load_causal_lm", "load_tokenizer", "loss_curves", "num_layers", "pick_device", "plan_recipe", "recipe_path",
+    "load_causal_lm", "load_tokenizer", "loss_curves", "model_dtype", "num_layers", "pick_device", "plan_recipe", "recipe_path",
     "seed_everything", "student_from_teacher", "sweep_plot", "track_side_run",
 ]

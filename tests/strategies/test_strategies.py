@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import kdistill
 from conftest import cut_after, engine_for
 from kdistill.strategies.mtp_self import MTPHeads
 from kdistill.strategies.multi_view import augment
@@ -155,7 +156,7 @@ def test_mtp_future_token_does_not_change_earlier_auxiliary_outputs(recipe_facto
     j = ids.shape[1] // 2
     changed_ids[:, j] = (changed_ids[:, j] + 7) % engine.student.config.vocab_size
     with torch.no_grad():
-        outs = [engine.strategy.heads(final_hidden(engine.student, x, None).final_hidden) for x in (ids, changed_ids)]
+        outs = [engine.strategy.heads(final_hidden(engine.student, kdistill.Batch(x, x)).final_hidden) for x in (ids, changed_ids)]
     for x, y in zip(*outs):
         assert torch.allclose(x[:, :j], y[:, :j], atol=1e-5)
         assert not torch.allclose(x[:, j:], y[:, j:], atol=1e-5)

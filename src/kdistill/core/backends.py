@@ -113,9 +113,7 @@ class DeepSpeed:
     def micro_batch(self, data, index: int, batch_size: int) -> Batch:
         whole = data.train_batch(index, batch_size * self.world_size)
         rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
-        mask = None if whole.attention_mask is None else whole.attention_mask[rows]
-        keys = None if whole.keys is None else whole.keys[rows]
-        return Batch(whole.input_ids[rows], whole.labels[rows], mask, keys).to(self.device)
+        return whole.rows(rows).to(self.device)
 
     def all_sum(self, values: list[float]) -> list[float]:
         return self.run.all_sum(values)

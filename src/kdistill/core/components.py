@@ -51,13 +51,16 @@ class Batch:
 
     `labels` holds IGNORE_INDEX where a position does not count (padding, prompts). `keys` [B]
     (optional) names each sequence stably across runs, so that per-sequence teacher outputs can be
-    cached and looked up.
+    cached and looked up. `position_ids` [B, T] is set for packed rows (several examples in one
+    row): positions restart at 0 where an example starts, and no token attends across an example
+    boundary (`model_inputs` turns them into a block-diagonal causal mask).
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -65,7 +68,42 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
-        return Batch(self.input_ids.to(device), self.labels.to(device), mask, self.keys)
+        positions = None if self.position_ids is None else self.position_ids.to(device)
+        return Batch(self.input_ids.to(device), self.labels.to(device), mask, self.keys, positions)
+
+    def rows(self, rows: slice | torch.Tensor) -> "Batch":
+        """The batch's rows `rows` (a slice or index tensor), every field alike."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+        return Batch(self.input_ids[rows], self.labels[rows], pick(self.attention_mask), pick(self.keys), pick(self.position_ids))
+
+    def model_inputs(self, dtype: torch.dtype = torch.float32, input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments of a Hugging Face model's forward for this batch (`input_ids` may be replaced,
+        e.g. by an augmented view). Unpacked rows: the 2D padding mask. Packed rows: the position ids and
+        an additive 4D mask in `dtype` (the model's), causal within each example and closed across them."""
+        ids = self.input_ids if input_ids is None else input_ids
+        if self.position_ids is None:
+            return {"input_ids": ids, "attention_mask": self.attention_mask}
+        return {"input_ids": ids, "attention_mask": packed_attention_mask(self.position_ids, self.attention_mask, dtype),
+                "position_ids": self.position_ids}
+
+
+def packed_attention_mask(position_ids: torch.Tensor, padding: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, T] additive mask: 0 where query t may see key s (same example, s <= t, not padding),
+    the dtype's lowest value elsewhere. An example starts where the position id does not follow on."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    example = starts.long().cumsum(-1)  # [B, T]: which example each token belongs to
+    t = position_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (example[:, :, None] == example[:, None, :]) & causal
+    if padding is not None:
+        allowed = allowed & padding.bool()[:, None, :]
+    allowed |= torch.eye(t, dtype=torch.bool, device=position_ids.device)  # a padded row still sees itself (no NaN)
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from kdistill.core.components import LogitLoss, ModelOutputs, SparseTargets
+from kdistill.core.components import Batch, LogitLoss, ModelOutputs, SparseTargets
 
 DEFAULT_CHUNK_ELEMENTS = 3 << 23  # about 96 MiB of float32 logits per chunk (192 positions at V=128,256)
 # Memory for the chunk-sized tensors that exist at once (see chunk_tensors): 192 MiB gives forward KL
@@ -58,21 +58,27 @@ def fused_supported(model: Any) -> bool:
             and getattr(config, "logits_scaling", None) is None and not getattr(config, "output_multiplier_scale", None))
 
 
-def final_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> ModelOutputs:
+def model_dtype(model: Any) -> torch.dtype:
+    """The dtype a model computes in (for masks built to match it)."""
+    dtype = getattr(model, "dtype", torch.float32)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def final_hidden(model: Any, batch: Batch) -> ModelOutputs:
     """The last hidden states (after the final norm) and the output projection weight."""
     base = getattr(model, model.base_model_prefix)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = base(**batch.model_inputs(model_dtype(model)), use_cache=False)
     return ModelOutputs(final_hidden=out.last_hidden_state, output_weight=model.get_output_embeddings().weight)
 
 
-def frozen_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask, needs) -> ModelOutputs:
+def frozen_outputs(model: nn.Module, batch: Batch, needs) -> ModelOutputs:
     """A frozen model's outputs (a teacher's): final hidden states and output weight when the fused path
     asks for them and the model allows it, else full logits. no_grad rather than inference_mode:
     inference tensors may not be saved by the student's autograd graph, which the losses build from both."""
     with torch.no_grad():
         if needs.final_hidden and not needs.logits and fused_supported(model):
-            return final_hidden(model, input_ids, attention_mask)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return final_hidden(model, batch)
+        out = model(**batch.model_inputs(model_dtype(model)), use_cache=False)
         return ModelOutputs(logits=out.logits)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from kdistill.core.capture import capture, num_layers
 from kdistill.core.components import Batch, FeatureLoss, LayerMap, LogitLoss, ModelOutputs, Needs, Options, TrainContext
 from kdistill.core.errors import KdistillError
-from kdistill.core.fused import TeacherRows, final_hidden, fused_logit_loss, fused_supported
+from kdistill.core.fused import TeacherRows, final_hidden, fused_logit_loss, fused_supported, model_dtype
 from kdistill.core.models import LM
 
 log = logging.getLogger("kdistill")
@@ -155,9 +155,9 @@ class LossStep:
         teacher_out = self.teacher_outputs(batch, needs) if self._teacher_needed and self.teacher_outputs is not None else None
         with capture(student, self._s_hidden, self._s_attention) as captured:
             if self.use_fused:
-                student_out = final_hidden(student, batch.input_ids, batch.attention_mask)
+                student_out = final_hidden(student, batch)
             else:
-                out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                out = student(**batch.model_inputs(model_dtype(student)), use_cache=False)
                 student_out = ModelOutputs(logits=out.logits)
         self.last_student = student_out
         total, terms = 0.0, {}

@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 
 import kdistill
+from kdistill.toolkit import model_dtype
 
 
 def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, temperature: float) -> dict[str, float]:
@@ -46,7 +47,7 @@ class Agreement(kdistill.Evaluator):
         student.eval()
         with torch.no_grad():
             for batch in context.val_batches():
-                kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+                kwargs = {**batch.model_inputs(model_dtype(student)), "use_cache": False}
                 mask = batch.mask
                 sums = agreement_sums(student(**kwargs).logits[mask], teacher(**kwargs).logits[mask], self.options.k,
                                       self.options.temperature)

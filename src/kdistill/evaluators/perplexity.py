@@ -7,6 +7,7 @@ import math
 import torch
 
 import kdistill
+from kdistill.toolkit import model_dtype
 
 
 def mean_nll(model, batches) -> tuple[float, int]:
@@ -16,7 +17,7 @@ def mean_nll(model, batches) -> tuple[float, int]:
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            logits = model(**batch.model_inputs(model_dtype(model)), use_cache=False).logits
             mask = batch.mask
             total += torch.nn.functional.cross_entropy(logits[mask].float(), batch.labels[mask], reduction="sum").double().item()
             count += int(mask.sum())

@@ -38,7 +38,7 @@ class EMASelf(kdistill.Strategy):
         return self.step(batch)
 
     def teacher_outputs(self, batch, needs):
-        return frozen_outputs(self.ema, batch.input_ids, batch.attention_mask, needs)
+        return frozen_outputs(self.ema, batch, needs)
 
     @torch.no_grad()
     def after_step(self) -> None:

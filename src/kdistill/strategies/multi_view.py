@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Literal
 
@@ -86,8 +87,8 @@ class MultiView(kdistill.Strategy):
     def teacher_outputs(self, batch, needs):
         seen = self.view(batch.input_ids)
         if self.options.teacher == "self":
-            return frozen_outputs(self.context.student, seen, batch.attention_mask, needs)
-        return self.context.teacher.outputs(kdistill.Batch(seen, batch.labels, batch.attention_mask, batch.keys), needs)
+            return frozen_outputs(self.context.student, dataclasses.replace(batch, input_ids=seen), needs)
+        return self.context.teacher.outputs(dataclasses.replace(batch, input_ids=seen), needs)
 
 
 @kdistill.hookimpl

@@ -7,7 +7,7 @@ from pydantic import Field
 
 import kdistill
 from kdistill import KdistillError
-from kdistill.toolkit import student_from_teacher
+from kdistill.toolkit import model_dtype, student_from_teacher
 
 
 class Mutual(kdistill.Strategy):
@@ -53,8 +53,7 @@ class Mutual(kdistill.Strategy):
         return {"student" if i == 0 else f"peer{i}": peer for i, peer in enumerate(self.peers)}
 
     def loss(self, batch):
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
-        outputs = [kdistill.ModelOutputs(logits=peer(**kwargs).logits) for peer in self.peers]
+        outputs = [kdistill.ModelOutputs(logits=peer(**batch.model_inputs(model_dtype(peer)), use_cache=False).logits) for peer in self.peers]
         detached = [kdistill.ModelOutputs(logits=o.logits.detach()) for o in outputs]
         total, terms = 0.0, {}
         for i, own in enumerate(outputs):

@@ -7,7 +7,7 @@ from pydantic import Field
 
 import kdistill
 from kdistill import KdistillError
-from kdistill.toolkit import weighted_losses
+from kdistill.toolkit import model_dtype, weighted_losses
 
 
 class Online(kdistill.Strategy):
@@ -42,7 +42,7 @@ class Online(kdistill.Strategy):
 
     def loss(self, batch):
         ctx = self.context
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+        kwargs = {**batch.model_inputs(model_dtype(ctx.student)), "use_cache": False}
         mask = batch.mask
         teacher_logits = self.teacher(**kwargs).logits
         teacher_ce = torch.nn.functional.cross_entropy(teacher_logits[mask].float(), batch.labels[mask], reduction="sum")

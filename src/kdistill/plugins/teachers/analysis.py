@@ -15,7 +15,7 @@ import kdistill
 from kdistill import ConfigError
 from kdistill.evaluators.agreement import agreement_sums
 from kdistill.plugins.teachers.hf import HFTeacher
-from kdistill.toolkit import SET_HELP, fail, histogram, plan_recipe, track_side_run
+from kdistill.toolkit import SET_HELP, fail, histogram, model_dtype, plan_recipe, track_side_run
 
 
 def teacher_report(plan, text: str, top_k: int = 10, max_batches: int | None = None):
@@ -43,7 +43,7 @@ def teacher_report(plan, text: str, top_k: int = 10, max_batches: int | None = N
         for n, batch in enumerate(data.val_batches(plan.recipe.train.eval_batch_size or plan.recipe.train.batch_size)):
             if max_batches is not None and n >= max_batches:
                 break
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[batch.mask].double()
+            out = model(**batch.model_inputs(model_dtype(model)), use_cache=False).logits[batch.mask].double()
             logp = torch.log_softmax(out, -1)
             entropies += (-(logp.exp() * logp).sum(-1)).tolist()
     return rows, here, entropies
@@ -73,9 +73,9 @@ def teacher_check(plan, max_batches: int | None = None) -> dict[str, float]:
         for n, batch in enumerate(data.val_batches(plan.recipe.train.eval_batch_size or plan.recipe.train.batch_size)):
             if max_batches is not None and n >= max_batches:
                 break
-            kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
             mask = batch.mask
-            a, b = full.model(**kwargs).logits[mask].double(), quant.model(**kwargs).logits[mask].double()
+            a = full.model(**batch.model_inputs(model_dtype(full.model)), use_cache=False).logits[mask].double()
+            b = quant.model(**batch.model_inputs(model_dtype(quant.model)), use_cache=False).logits[mask].double()
             labels = batch.labels[mask]
             sums["nll_full"] += float(torch.nn.functional.cross_entropy(a, labels, reduction="sum"))
             sums["nll_quant"] += float(torch.nn.functional.cross_entropy(b, labels, reduction="sum"))

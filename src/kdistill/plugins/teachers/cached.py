@@ -110,6 +110,8 @@ class CachedTeacher(kdistill.TeacherProvider):
         if batch.keys is None:
             raise ConfigError("data: a cached teacher needs a data source that gives its sequences keys")
         sparse = self.cache.lookup(batch.keys)
+        length = batch.input_ids.shape[1]  # rows padded to their batch's longest are a prefix of the cached length
+        sparse = kdistill.SparseTargets(sparse.ids[:, :length], sparse.logprobs[:, :length], sparse.log_tail[:, :length], sparse.temperature)
         move = lambda t: t.to(self.device)  # noqa: E731
         return kdistill.ModelOutputs(sparse=kdistill.SparseTargets(move(sparse.ids), move(sparse.logprobs),
                                                                    move(sparse.log_tail), sparse.temperature))

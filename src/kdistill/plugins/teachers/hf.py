@@ -41,7 +41,7 @@ class HFTeacher(kdistill.TeacherProvider):
 
     def outputs(self, batch: kdistill.Batch, needs: kdistill.Needs) -> kdistill.ModelOutputs:
         with capture(self.model, needs.hidden_layers, needs.attention_layers) as captured:
-            result = frozen_outputs(self.model, batch.input_ids, batch.attention_mask, needs)
+            result = frozen_outputs(self.model, batch, needs)
         result.hidden_states, result.attentions = captured["hidden"], captured["attention"]
         return result
 

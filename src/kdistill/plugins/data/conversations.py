@@ -1,0 +1,1 @@
+"""Conversation data through Hugging Face datasets (being built)."""
