@@ -3,6 +3,11 @@
 Metrics are also written to `<output_dir>/metrics.jsonl` as they are logged, so a tracking outage
 (a server that is down or dies mid-run, a full disk) loses nothing: training goes on with one
 warning, and from then on artifacts are copied into the run folder instead.
+
+A file whose name ends in `.table.json` (`{"columns": [...], "data": [[...]]}`, pandas' "split"
+layout, what `mlflow.log_table` writes) is logged as a table: the MLflow UI lists it among the run's
+tables (Evaluation / Traces views). Unlike `mlflow.log_table`, logging it again replaces it instead of
+appending its rows.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import kdistill
 from kdistill.plugins.trackers.jsonl import JsonlTracker
 
 _RUN_ID_FILE = "mlflow_run.json"
+TABLE_SUFFIX = ".table.json"
+_LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # mlflow.utils.mlflow_tags.MLFLOW_LOGGED_ARTIFACTS
 
 
 class MlflowTracker(kdistill.Tracker):
@@ -84,9 +91,19 @@ class MlflowTracker(kdistill.Tracker):
                 self._mlflow.log_artifacts(path, artifact_path=artifact_path)
             else:
                 self._mlflow.log_artifact(path, artifact_path=artifact_path)
+                if Path(path).name.endswith(TABLE_SUFFIX):
+                    self._mark_table(f"{artifact_path.strip('/')}/{Path(path).name}" if artifact_path else Path(path).name)
         except Exception as exc:  # noqa: BLE001
             self._fail("log_artifact", exc)
             self._local.log_artifact(path, artifact_path)
+
+    def _mark_table(self, artifact_file: str) -> None:
+        """Tag the run as `mlflow.log_table` does, so that the UI shows the artifact as a table."""
+        run = self._mlflow.get_run(self.run_id)
+        logged = json.loads(run.data.tags.get(_LOGGED_ARTIFACTS_TAG, "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        if entry not in logged:
+            self._mlflow.set_tag(_LOGGED_ARTIFACTS_TAG, json.dumps(logged + [entry]))
 
     def finish(self, status="FINISHED"):
         self._local.finish(status)
