@@ -1,1 +1,339 @@
-"""Conversation data through Hugging Face datasets (being built)."""
+"""Instruction and chat data through Hugging Face `datasets`: text, prompt + completion, or messages.
+
+Examples are rendered with the student's tokenizer (its own chat template for conversations), so
+teacher and student see the same token ids; which tokens count toward the loss is an option (the
+answers only, by default). Examples are packed several to a row without attention across them, or
+padded one per row in batches of similar length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Iterator, Literal
+
+import torch
+from pydantic import Field
+
+import kdistill
+from kdistill import IGNORE_INDEX, ConfigError
+from kdistill.toolkit import ROLES, check_chat_template, read_table
+
+log = logging.getLogger("kdistill")
+
+FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "messages": ("messages",)}
+BUCKET_BATCHES = 32  # padded layout: examples are sorted by length within windows of this many batches
+
+
+class Example:
+    """One rendered example: token ids and which of them count toward the loss."""
+
+    __slots__ = ("ids", "counts", "row")
+
+    def __init__(self, ids: list[int], counts: list[bool], row: int):
+        self.ids, self.counts, self.row = ids, counts, row
+
+
+class Conversations(kdistill.DataSource):
+    """Local JSON Lines, JSON, Parquet, CSV or Arrow files, or a `save_to_disk` folder, read with
+    `datasets`; rows are text, prompt + completion, or messages ({role, content}).
+
+    Every batch is a pure function of (seed, batch index), so a resumed run sees the same data; rows
+    have stable keys, so a teacher cache works on it.
+    """
+
+    name = "conversations"
+
+    class Options(kdistill.Options):
+        paths: list[kdistill.LocalPattern] = Field(min_length=1, description="files, glob patterns or one save_to_disk "
+                                                   "folder (pkg://PACKAGE/PATH allowed); a folder written by "
+                                                   "`kdistill generate` reads as its answers")
+        split: str | None = Field(None, description="the split of a save_to_disk DatasetDict (default: train)")
+        format: Literal["auto", "text", "prompt-completion", "messages"] = Field(
+            "auto", description="how rows read; auto: messages, else prompt + completion, else text, by the columns present")
+        columns: dict[Literal["text", "prompt", "completion", "messages"], str] = Field(
+            default_factory=dict, description="which column holds each field, e.g. {prompt: question, completion: answer}")
+        chat_template: bool = Field(True, description="render prompt + completion as a user turn and an assistant turn "
+                                    "with the tokenizer's chat template (messages always use it)")
+        loss_on: Literal["completion", "all"] = Field("completion", description="which tokens count toward the loss: the "
+                                                      "completion / assistant turns, or every token")
+        seq_len: int = Field(512, ge=2, le=1 << 20, description="positions per row")
+        too_long: Literal["truncate", "drop", "error"] = Field("truncate", description="an example longer than seq_len: "
+                                                               "cut at seq_len, left out, or an error")
+        layout: Literal["pack", "pad"] = Field("pack", description="pack: several examples per row, positions restarting "
+                                               "and no attention across them; pad: one example per row, batches of "
+                                               "similar length padded to their longest")
+        first: int = Field(0, ge=0, description="skip the table's first rows (e.g. held out for an evaluator)")
+        max_examples: int | None = Field(None, ge=2, description="use at most this many rows (after `first`)")
+        val_fraction: float = Field(0.05, ge=0, lt=1)
+        max_val_examples: int | None = Field(256, ge=1)
+
+    @classmethod
+    def no_validation_split(cls, options):
+        return "data.options.val_fraction: 0" if options.val_fraction == 0 else None
+
+    # ------------------------------------------------------------------ reading and rendering
+
+    def _where(self) -> str:
+        paths = [str(p) for p in self.options.paths]
+        return paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)"
+
+    def _format(self, present: list[str]) -> tuple[str, dict[str, str]]:
+        o = self.options
+        mapping = {field: o.columns.get(field, field) for fields in FORMATS.values() for field in fields}
+        fmt = o.format
+        named = [name for name, fields in FORMATS.items() if set(o.columns) & set(fields)]
+        if fmt == "auto" and len(named) == 1:  # the columns named say which format is meant
+            fmt = named[0]
+        if fmt == "auto":
+            found = [name for name, fields in FORMATS.items() if all(mapping[f] in present for f in fields)]
+            if not found:
+                raise ConfigError(f"data.options.format: {self._where()} has none of the columns messages, prompt + "
+                                  f"completion, or text (it has: {', '.join(present)}); name them in data.options.columns")
+            fmt = found[0]
+        for field in FORMATS[fmt]:
+            if mapping[field] not in present:
+                where = f"data.options.columns.{field}" if field in o.columns else "data.options.format"
+                raise ConfigError(f"{where}: {self._where()} has no column '{mapping[field]}' (it has: {', '.join(present)})")
+        return fmt, {field: mapping[field] for field in FORMATS[fmt]}
+
+    def _text(self, row: int, field: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(f"data: {self._where()} row {row}: {field} is {type(value).__name__}, not text")
+        return value
+
+    def _messages(self, row: int, field: str, value: Any) -> list[dict[str, str]]:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"data: {self._where()} row {row}: {field} is text, not a list of messages") from None
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"data: {self._where()} row {row}: {field} is not a non-empty list of {{role, content}}")
+        messages = []
+        for j, message in enumerate(value):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ConfigError(f"data: {self._where()} row {row}: {field}[{j}] is not a {{role, content}} mapping")
+            role, content = message["role"], message["content"]
+            if role not in ROLES:
+                raise ConfigError(f"data: {self._where()} row {row}: {field}[{j}].role: unknown role {role!r} "
+                                  f"(expected one of {', '.join(ROLES)})")
+            if not isinstance(content, str):
+                raise ConfigError(f"data: {self._where()} row {row}: {field}[{j}].content is {type(content).__name__}, not text")
+            if role == "assistant" and not content.strip():
+                raise ConfigError(f"data: {self._where()} row {row}: {field}[{j}].content: an empty assistant turn")
+            messages.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ConfigError(f"data: {self._where()} row {row}: {field} has no assistant turn to learn")
+        return messages
+
+    def _segments(self, tokenizer, fmt: str, row: int, values: dict[str, Any]) -> list[tuple[str, bool]]:
+        """The example as pieces of text, each marked whether it counts toward the loss."""
+        o, all_count = self.options, self.options.loss_on == "all"
+        eos = tokenizer.eos_token or ""
+        if fmt == "text":
+            return [(self._text(row, "text", values["text"]) + eos, True)]
+        if fmt == "prompt-completion":
+            prompt, completion = self._text(row, "prompt", values["prompt"]), self._text(row, "completion", values["completion"])
+            if not completion.strip():
+                raise ConfigError(f"data: {self._where()} row {row}: completion is empty")
+            if not o.chat_template:
+                return [(prompt, all_count), (completion + eos, True)]
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        else:
+            messages = self._messages(row, "messages", values["messages"])
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+                pieces.append((self._after(done, head, row), all_count))
+                done = head
+            rendered = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+            pieces.append((self._after(done, rendered, row), all_count or message["role"] == "assistant"))
+            done = rendered
+        return [(text, counts) for text, counts in pieces if text]
+
+    def _after(self, done: str, rendered: str, row: int) -> str:
+        if not rendered.startswith(done):
+            raise ConfigError(f"data: {self._where()} row {row}: the tokenizer's chat template renders a conversation's "
+                              "beginning differently once more turns follow, so answer tokens cannot be told apart; "
+                              "use loss_on: all")
+        return rendered[len(done):]
+
+    def _render(self, tokenizer, table, fmt: str, columns: dict[str, str]) -> list[Example]:
+        o = self.options
+        if fmt == "messages" or (fmt == "prompt-completion" and o.chat_template):
+            check_chat_template(tokenizer, "data.options.chat_template")
+        stop = len(table) if o.max_examples is None else min(len(table), o.first + o.max_examples)
+        pieces: list[tuple[int, list[tuple[str, bool]]]] = []
+        for row in range(o.first, stop):
+            record = table[row]
+            pieces.append((row, self._segments(tokenizer, fmt, row, {f: record[c] for f, c in columns.items()})))
+        flat = [text for _, segments in pieces for text, _ in segments]
+        encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        examples, at = [], 0
+        for row, segments in pieces:
+            ids: list[int] = []
+            counts: list[bool] = []
+            for _, count in segments:
+                ids += encoded[at]
+                counts += [count] * len(encoded[at])
+                at += 1
+            examples.append(Example(ids, counts, row))
+        return examples
+
+    def _fit(self, examples: list[Example]) -> list[Example]:
+        """Examples that fit seq_len (+1: the last token is only a label); the rest cut, dropped or an error."""
+        o, limit = self.options, self.options.seq_len + 1
+        kept, cut, dropped, empty = [], 0, 0, 0
+        for ex in examples:
+            if len(ex.ids) > limit:
+                if o.too_long == "error":
+                    raise ConfigError(f"data.options.seq_len: {self._where()} row {ex.row} has {len(ex.ids)} tokens, more than "
+                                      f"seq_len {o.seq_len} + 1 (too_long: error; or truncate | drop)")
+                if o.too_long == "drop":
+                    dropped += 1
+                    continue
+                ex = Example(ex.ids[:limit], ex.counts[:limit], ex.row)
+                cut += 1
+            if not any(ex.counts[1:]):  # nothing left to learn (a completion cut away entirely)
+                empty += 1
+                continue
+            kept.append(ex)
+        if cut or dropped or empty:
+            log.warning("data: of %d examples longer than seq_len %d, %d were cut and %d dropped; %d left with no answer "
+                        "token were dropped", cut + dropped, o.seq_len, cut, dropped, empty)
+        self.counts = {"examples": len(examples), "cut": cut, "dropped": dropped + empty}
+        return kept
+
+    # ------------------------------------------------------------------ layout
+
+    def _pack(self, examples: list[Example]) -> list[list[Example]]:
+        """Consecutive examples share a row while they fit (order kept, so packing is deterministic)."""
+        rows: list[list[Example]] = []
+        room = 0
+        for ex in examples:
+            need = len(ex.ids) - 1
+            if not rows or need > room:
+                rows.append([])
+                room = self.options.seq_len
+            rows[-1].append(ex)
+            room -= need
+        return rows
+
+    def _tensors(self, group: list[Example], width: int, packed: bool) -> tuple[torch.Tensor, ...]:
+        ids = torch.full((width,), self._pad, dtype=torch.long)
+        labels = torch.full((width,), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros(width, dtype=torch.long)
+        positions = torch.arange(width, dtype=torch.long)
+        at = 0
+        for ex in group:
+            n = len(ex.ids) - 1
+            ids[at:at + n] = torch.tensor(ex.ids[:-1])
+            target = torch.tensor(ex.ids[1:])
+            labels[at:at + n] = torch.where(torch.tensor(ex.counts[1:]), target, torch.full_like(target, IGNORE_INDEX))
+            attention[at:at + n] = 1
+            positions[at:at + n] = torch.arange(n)
+            at += n
+        positions[at:] = torch.arange(width - at)  # padding: a separate, masked-out run of positions
+        return ids, labels, attention, positions
+
+    def _batch(self, units: list[int], width: int | None = None, keys: bool = True) -> kdistill.Batch:
+        packed = self.options.layout == "pack"
+        groups = [self._units[u] for u in units]
+        if width is None:
+            width = self.options.seq_len if packed else max(sum(len(ex.ids) - 1 for ex in g) for g in groups)
+        parts = [self._tensors(g, width, packed) for g in groups]
+        ids, labels, attention, positions = (torch.stack(column) for column in zip(*parts))
+        return kdistill.Batch(input_ids=ids, labels=labels, attention_mask=attention,
+                              keys=torch.tensor(units) if keys else None, position_ids=positions if packed else None)
+
+    # ------------------------------------------------------------------ DataSource
+
+    def setup(self, tokenizer, seed: int) -> None:
+        o = self.options
+        table = read_table(o.paths, "data.options.paths", o.split)
+        fmt, columns = self._format(list(table.column_names))
+        if o.first >= len(table):
+            raise ConfigError(f"data.options.first: {o.first} skips every row of {self._where()} ({len(table)} rows)")
+        examples = self._fit(self._render(tokenizer, table, fmt, columns))
+        if len(examples) < 2:
+            raise ConfigError(f"data.options.paths: {self._where()} gives {len(examples)} usable example(s); at least 2 are needed")
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = min(int(len(examples) * o.val_fraction), o.max_val_examples or len(examples))
+        n_val = max(1, n_val) if o.val_fraction > 0 else 0
+        val = [examples[i] for i in sorted(order[:n_val])]
+        train = [examples[i] for i in sorted(order[n_val:])]
+        if o.layout == "pack":
+            self._units = self._pack(train) + self._pack(val)
+            self._n_train = len(self._units) - len(self._pack(val))
+        else:
+            self._units = [[ex] for ex in train + val]
+            self._n_train = len(train)
+        self._lengths = [sum(len(ex.ids) - 1 for ex in unit) for unit in self._units]
+        self._seed = seed
+        self._epoch_cache: tuple[int, int, list[int]] | None = None
+        self.format = fmt
+        digest = hashlib.sha256(json.dumps([o.model_dump(mode="json"), seed, n_val]).encode())
+        for ex in examples:
+            digest.update(torch.tensor(ex.ids + [-1] + [int(c) for c in ex.counts], dtype=torch.int64).numpy().tobytes())
+        self._fingerprint = digest.hexdigest()[:16]
+        tokens = sum(self._lengths[:self._n_train])
+        counted = sum(sum(ex.counts[1:]) for ex in train)
+        log.info("data: %s as %s, %d training examples in %d rows (%d tokens, %d counted), %d validation examples",
+                 os.path.basename(self._where()), fmt, len(train), self._n_train, tokens, counted, len(val))
+
+    def _epoch_order(self, epoch: int, batch_size: int) -> list[int]:
+        if self._epoch_cache is not None and self._epoch_cache[:2] == (epoch, batch_size):
+            return self._epoch_cache[2]
+        g = torch.Generator().manual_seed(self._seed * 1_000_003 + epoch)
+        order = torch.randperm(self._n_train, generator=g).tolist()
+        if self.options.layout == "pad":  # batches of similar length, in a random order within each window
+            window = batch_size * BUCKET_BATCHES
+            bucketed: list[int] = []
+            for start in range(0, len(order), window):
+                chunk = sorted(order[start:start + window], key=lambda u: self._lengths[u])
+                batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+                for b in torch.randperm(len(batches), generator=g).tolist():
+                    bucketed += batches[b]
+            order = bucketed
+        self._epoch_cache = (epoch, batch_size, order)
+        return order
+
+    def train_batch(self, index: int, batch_size: int) -> kdistill.Batch:
+        n = self._n_train
+        units = [self._epoch_order(pos // n, batch_size)[pos % n] for pos in range(index * batch_size, (index + 1) * batch_size)]
+        return self._batch(units)
+
+    def val_batches(self, batch_size: int) -> Iterator[kdistill.Batch]:
+        val = list(range(self._n_train, len(self._units)))
+        for i in range(0, len(val), batch_size):
+            yield self._batch(val[i:i + batch_size], keys=False)
+
+    def train_keys(self) -> torch.Tensor:
+        """Row numbers of the training units (stable for a given table, tokenizer, options and seed)."""
+        return torch.arange(self._n_train)
+
+    def batch_for_keys(self, keys: torch.Tensor) -> kdistill.Batch:
+        """Full-width rows (seq_len), so a cache holds one shape; padded training batches are a prefix of it."""
+        return self._batch(keys.long().tolist(), width=self.options.seq_len)
+
+    @property
+    def n_train(self) -> int:
+        return self._n_train
+
+    @property
+    def n_val(self) -> int:
+        return len(self._units) - self._n_train
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+
+@kdistill.hookimpl
+def kd_register_data_sources():
+    return [Conversations]
