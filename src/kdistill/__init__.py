@@ -14,6 +14,7 @@ from kdistill.core.components import (
     EvalContext,
     Evaluator,
     FeatureLoss,
+    Generator,
     LayerMap,
     LayerMapper,
     LogitLoss,
@@ -45,7 +46,7 @@ def run(recipe, overrides=(), resume: bool = False, overwrite: bool = False):
 
 __all__ = [
     "IGNORE_INDEX", "Batch", "Component", "ConfigError", "ConstantTemperatureOptions", "Schedule", "Scheduled",
-    "TemperatureOptions", "value_at", "DataSource", "EvalContext", "Evaluator", "FeatureLoss", "LayerMap",
+    "TemperatureOptions", "value_at", "DataSource", "EvalContext", "Evaluator", "FeatureLoss", "Generator", "LayerMap",
     "KdistillError", "LayerMapper",
     "LocalFile", "LocalPath", "LocalPattern", "LogitLoss", "Loss", "ModelOutputs", "Needs", "Options", "Plan", "Recipe",
     "Scheduler", "SparseTargets", "Strategy", "TeacherProvider", "Tracker", "TrainContext", "__version__", "hookimpl",

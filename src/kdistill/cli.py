@@ -67,6 +67,30 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a s
 
 
 @app.command()
+def generate(recipe: Path = typer.Argument(..., help="recipe YAML with a generator section"),
+             set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+             overwrite: bool = typer.Option(False, "--overwrite", help="replace output written by another teacher, "
+                                            "other options or other prompts")) -> None:
+    """Have the recipe's teacher write its generator's dataset (resumable); `kdistill run` does this first when needed."""
+    import torch
+
+    from kdistill import TeacherProvider
+    from kdistill.core.summary import quiet_libraries
+    from kdistill.toolkit import pick_device, run_generator, seed_everything
+
+    quiet_libraries()
+    try:
+        plan = plan_recipe(recipe, set_)
+        train = plan.recipe.train
+        seed_everything(train.seed)
+        if train.num_threads:
+            torch.set_num_threads(train.num_threads)
+        run_generator(plan, plan.build("teacher", TeacherProvider), pick_device(train.device), print, overwrite=overwrite)
+    except KdistillError as exc:
+        fail(exc)
+
+
+@app.command()
 def recipes() -> None:
     """List the recipes shipped with kdistill (run one by name: kdistill run quickstart)."""
     for path in sorted(RECIPES_DIR.glob("*.yaml")):

@@ -13,7 +13,7 @@ and evaluators are held to the same rule (tests/core/test_layering.py checks it)
   `choose_attention` (SDPA, or flash attention 2 on CUDA where installed).
 - Conversations: `read_table` (local data through `datasets`), `prompt_ids` (a prompt in the chat
   template), `sample_completions` (batched generation with a KV cache), `stop_ids`, `check_chat_template`.
-- Runs: `pick_device`, `seed_everything`.
+- Runs: `pick_device`, `seed_everything`; `run_generator` (a recipe's generator, as `kdistill run` runs it first).
 - Figures: `loss_curves`, `sweep_plot`, `histogram`, `bars` (headless PNG files).
 - Commands (from `kd_register_commands`): `recipe_path`, `plan_recipe`, `fail`, `track_side_run`, `SET_HELP`.
 """
@@ -29,6 +29,7 @@ from kdistill.core.chat import GENERATION_MANIFEST, ROLES, check_chat_template, 
 from kdistill.core.components import check_pairs
 from kdistill.core.errors import KdistillError
 from kdistill.core.fused import TeacherRows, final_hidden, frozen_outputs, fused_logit_loss, fused_supported, model_dtype
+from kdistill.core.generation import run_generator
 from kdistill.core.models import choose_attention, decoder_layers, load_causal_lm, load_tokenizer, student_from_teacher
 from kdistill.core.plots import bars, histogram, loss_curves, sweep_plot
 from kdistill.core.runtime import pick_device, seed_everything
@@ -89,5 +90,5 @@ __all__ = [
     "weighted_losses", "attention_module", "bars", "capture", "check_pairs", "choose_attention",
     "decoder_layers", "fail", "final_hidden", "frozen_outputs", "fused_logit_loss", "fused_supported", "histogram",
     "load_causal_lm", "load_tokenizer", "loss_curves", "model_dtype", "num_layers", "pick_device", "plan_recipe", "recipe_path",
-    "seed_everything", "student_from_teacher", "sweep_plot", "track_side_run",
+    "run_generator", "seed_everything", "student_from_teacher", "sweep_plot", "track_side_run",
 ]

@@ -80,7 +80,8 @@ def make_recorder():
     module.reg_sched = wrap("kd_register_schedulers", [Doubling])
     module.reg_loss = wrap("kd_register_losses", [Scaled])
     for hook in ("kd_register_teachers", "kd_register_layer_mappers", "kd_register_evaluators",
-                 "kd_register_strategies", "kd_register_data_sources", "kd_register_trackers"):
+                 "kd_register_strategies", "kd_register_data_sources", "kd_register_trackers",
+                 "kd_register_generators"):
         setattr(module, hook.replace("kd_", "r_"), wrap(hook, []))
     return module, calls
 

@@ -439,6 +439,34 @@ class Tracker(Component):
         raise NotImplementedError
 
 
+class Generator(Component):
+    """Writes a dataset with the recipe's teacher before training (sequence-level distillation's data).
+
+    `outputs` names the folders it writes: validation takes data paths inside them as made earlier,
+    so a recipe names its generator's output as its data before it exists. `pending` says how much
+    is left without loading the teacher (a complete output costs nothing); `generate` writes it,
+    resuming an interrupted write.
+    """
+
+    kind = "generator"
+
+    def outputs(self) -> list[str]:
+        raise NotImplementedError
+
+    def pending(self, teacher: TeacherProvider, overwrite: bool = False) -> int:
+        """Prompts still to answer (0: the output is complete and matches this teacher and these options).
+        Output of something else is an error unless `overwrite`. `teacher` need not be loaded."""
+        raise NotImplementedError
+
+    def generate(self, teacher: TeacherProvider, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+        """Write the outputs with a loaded teacher (`teacher.model`, `teacher.tokenizer`); returns the manifest."""
+        raise NotImplementedError
+
+    def describe(self, manifest: dict[str, Any]) -> str:
+        """One line on what `generate` wrote (counts, speed), printed when it ends."""
+        return f"{self.name}: wrote {', '.join(self.outputs())}"
+
+
 # --------------------------------------------------------------------------- contexts
 
 
@@ -496,4 +524,5 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("strategy", Strategy, "kd_register_strategies", "strategy", False, "Strategies", "strategies.md", required=True),
     Kind("data_source", DataSource, "kd_register_data_sources", "data", False, "Data sources", "data-sources.md"),
     Kind("tracker", Tracker, "kd_register_trackers", "tracker", False, "Trackers", "trackers.md", required=True),
+    Kind("generator", Generator, "kd_register_generators", "generator", False, "Generators", "generators.md"),
 )}

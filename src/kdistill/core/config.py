@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, PositiveFloat
 from pydantic_core import PydanticCustomError
 
-from kdistill.core.components import KINDS, Component
+from kdistill.core.components import KINDS, Component, Generator
 from kdistill.core.errors import ConfigError
 from kdistill.core.paths import LocalFile, LocalPath, missing_inputs, output_dir_problem
 from kdistill.core.registry import Entry, Registry
@@ -136,6 +136,8 @@ class Recipe(StaticModel):
     output_dir: str = Field(min_length=1, description="the run's folder (created); required")
     run_name: str | None = None
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    generator: ComponentSpec | None = Field(None, description="writes a dataset with the teacher before training "
+                                            "(kdistill generate RECIPE, or first thing in kdistill run)")
 
 
 # slot in the recipe -> (component kind, a list of components?), in the recipe's field order
@@ -454,9 +456,10 @@ def resolve(raw: Any, registry: Registry, check_inputs: bool = True, made_earlie
 def _input_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list[str]:
     """The local inputs a recipe names exist, and its output folder can be made: found before anything loads."""
     problems = missing_inputs(recipe.student, "student") + missing_inputs(recipe.distributed, "distributed")
+    made = [folder for item in components.get("generator", []) for folder in _typed(item.build(), Generator).outputs()]
     for items in components.values():
-        for item in items:
-            problems += missing_inputs(item.options, f"{item.path}.options")
+        for item in items:  # inputs inside a generator's output are made before the data are read
+            problems += missing_inputs(item.options, f"{item.path}.options", made)
     if isinstance(recipe.student.config, dict):  # built on the meta device: no memory, no weights
         from kdistill.core.models import model_from_config
 
@@ -524,6 +527,8 @@ def _cross_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list
     best = recipe.train.best_metric
     if best is not None and not any(best in e.entry.cls.provides for e in components.get("evaluators", [])):
         problems.append(f"train.best_metric: no evaluator of this recipe reports '{best}'")
+    if components.get("generator") and not has_teacher:
+        problems.append("generator: needs a teacher section (the teacher writes the answers)")
     if recipe.student.from_teacher is not None and not has_teacher:
         problems.append("student.from_teacher: needs a teacher section to copy layers from")
     return problems

@@ -23,6 +23,7 @@ from kdistill.core import run_folder, summary
 from kdistill.core.backends import make_backend
 from kdistill.core.config import Plan, _typed, apply_overrides, load_recipe, required, resolve
 from kdistill.core.errors import KdistillError, RunFailed, guarded, os_error_line
+from kdistill.core.generation import run_generator
 from kdistill.core.models import build_student, check_positions, check_shared_vocabulary, choose_attention
 from kdistill.core.plugins import KdPluginManager, make_plugin_manager
 from kdistill.core.registry import Registry
@@ -57,6 +58,9 @@ class Engine:
         if self.teacher is not None:
             with self.console.status("loading the teacher"):
                 self.teacher.load(self.device)
+        if self.is_main:  # a generator's output (the data, usually) is written first when not complete
+            run_generator(plan, self.teacher, self.device, lambda text: self.console.print(text, soft_wrap=True), first=True)
+        self.backend.barrier()
         teacher_tokenizer = self.teacher.tokenizer if self.teacher else None
         self.student, self.tokenizer = build_student(recipe.student, self.teacher.model if self.teacher else None, teacher_tokenizer)
         check_shared_vocabulary(teacher_tokenizer, self.tokenizer, [item.entry.cls for item in plan.components["losses"]])

@@ -45,7 +45,7 @@ def resolve_path(value: str, field: str = "path") -> Path:
 @dataclass(frozen=True)
 class MustExist:
     """Marks an option as a local input that must exist before a run starts (checked by `kdistill validate`):
-    `what` is "file", "file or folder", or "pattern" (a file or a glob matching at least one file)."""
+    `what` is "file", "file or folder", or "pattern" (a file or folder, or a glob matching at least one)."""
 
     what: str = "file or folder"
 
@@ -55,16 +55,24 @@ LocalFile = Annotated[str, MustExist("file")]
 LocalPattern = Annotated[str, MustExist("pattern")]  # a file or a glob pattern
 
 
-def missing_input(value: str, field: str, what: str) -> str | None:
-    """Why the local input `value` (option `field`) is unusable, or None."""
+def _inside(path: Path, folders: typing.Sequence[str]) -> bool:
+    here = Path(os.path.abspath(path))
+    return any(here.is_relative_to(os.path.abspath(Path(folder).expanduser())) for folder in folders)
+
+
+def missing_input(value: str, field: str, what: str, made: typing.Sequence[str] = ()) -> str | None:
+    """Why the local input `value` (option `field`) is unusable, or None. Paths inside a folder of `made`
+    (a generator's output, written before the data are read) need not exist yet."""
     try:
         path = resolve_path(value, field)
     except ConfigError as exc:
         return exc.problems[0]
-    if what == "pattern":
+    if _inside(path, made):
+        return None
+    if what == "pattern":  # a file, a glob matching one, or a folder (a dataset saved by save_to_disk)
         local = str(path)
         matches = glob.glob(local) if glob.has_magic(local) else [local]
-        return None if any(os.path.isfile(m) for m in matches) else f"{field}: no such file: {value}"
+        return None if any(os.path.exists(m) for m in matches) else f"{field}: no such file: {value}"
     if what == "file":
         return None if path.is_file() else f"{field}: no such file: {path}"
     return None if path.exists() else f"{field}: no such file or folder: {path}"
@@ -83,8 +91,9 @@ def _marker(annotation: Any, metadata: list[Any]) -> MustExist | None:
     return None
 
 
-def missing_inputs(options: pydantic.BaseModel, where: str) -> list[str]:
-    """Every marked local input of `options` (and of the models nested in it) that does not exist."""
+def missing_inputs(options: pydantic.BaseModel, where: str, made: typing.Sequence[str] = ()) -> list[str]:
+    """Every marked local input of `options` (and of the models nested in it) that does not exist
+    (inside the folders `made` excepted)."""
     problems = []
     for name, info in type(options).model_fields.items():
         value, field = getattr(options, name), f"{where}.{name}"
@@ -93,9 +102,9 @@ def missing_inputs(options: pydantic.BaseModel, where: str) -> list[str]:
         for index, item in items:
             at = field if index is None else f"{field}[{index}]"
             if isinstance(item, pydantic.BaseModel):
-                problems += missing_inputs(item, at)
+                problems += missing_inputs(item, at, made)
             elif marker is not None and isinstance(item, str):
-                problem = missing_input(item, at, marker.what)
+                problem = missing_input(item, at, marker.what, made)
                 if problem:
                     problems.append(problem)
     return problems
