@@ -194,3 +194,30 @@ def test_mlflow_tracker_logs_a_table_file_as_a_table(tmp_path, monkeypatch):
     assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [{"path": "answers/answers.table.json", "type": "table"}]
     local = client.download_artifacts(tracker.run_id, "answers/answers.table.json", str(tmp_path / "down"))
     assert json.loads(open(local).read())["data"] == [["q1", "a"], ["q2", "b"]]
+
+
+def test_in_a_run_before_and_after_with_a_chat_tokenizer(tiny_assets, tmp_path, models):
+    import shutil
+
+    from conftest import engine_for, tiny_recipe
+
+    chat_teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_assets["teacher"], chat_teacher)
+    models[0].save_pretrained(chat_teacher)  # the tokenizer with its chat template
+    raw = tiny_recipe(tiny_assets, tmp_path / "run", steps=2)
+    raw["teacher"]["options"]["model"] = str(chat_teacher)
+    raw["evaluators"] = [{"name": "answers", "options": {"paths": [str(questions_file(tmp_path))], "count": 2,
+                                                         "max_new_tokens": 4, "show": 1}}]
+    summary = engine_for(raw).run()
+    assert set(summary["before"]) == set(summary["after"]) & set(Answers.provides) == set(Answers.provides)
+    assert summary["before"]["teacher_answers_ppl"] == summary["after"]["teacher_answers_ppl"]  # measured once
+    rows = [json.loads(line) for line in (tmp_path / "run" / "answers" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["student_before"] is not None and r["student_after"] for r in rows)
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_tokenizer_without_chat_template_is_one_line(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(models[0], "chat_template", None)
+    with pytest.raises(ConfigError) as caught:
+        evaluator(questions_file(tmp_path)).evaluate(context(models, "before"))
+    assert caught.value.problems[0].startswith("evaluators: answers: the tokenizer (") and "has no chat template" in caught.value.problems[0]

@@ -184,6 +184,10 @@ class Answers(kdistill.Evaluator):
 
     def _prompts(self, tokenizer) -> list[list[int]]:
         questions, _ = self._rows()
+        if not getattr(tokenizer, "chat_template", None):
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ConfigError(f"evaluators: answers: the tokenizer ({name}) has no chat template, which the questions are "
+                              "asked in; use a chat model (or give its tokenizer a chat_template)")
         return [prompt_ids(tokenizer, q, f"{FIELD}.question") for q in questions]
 
     @staticmethod
