@@ -158,6 +158,8 @@ class Answers(kdistill.Evaluator):
         max_new_tokens: int = Field(48, ge=1, description="longest answer, in tokens")
         batch_size: int = Field(16, ge=1, description="prompts answered (and scored) at once")
         show: int = Field(4, ge=0, description="rows printed to the terminal after training")
+        label: str = Field("", pattern=r"^[A-Za-z0-9_-]*$", description="a name for this set of questions, so that one "
+                           "recipe can have several (metrics `LABEL_answers_em`, ..., folder `answers-LABEL`)")
         phases: list[Literal["before", "during", "final"]] = Field(
             ["before", "during", "final"], description="evaluations that run it; 'during' computes the student's "
             "metrics only (no table)")
@@ -242,9 +244,17 @@ class Answers(kdistill.Evaluator):
 
     # ----------------------------------------------------------------- evaluate
 
+    @property
+    def _folder(self) -> str:
+        return f"answers-{self.options.label}" if self.options.label else "answers"
+
     def evaluate(self, context):
         if context.phase not in self.options.phases:
             return {}
+        metrics = self._evaluate(context)
+        return {f"{self.options.label}_{k}": v for k, v in metrics.items()} if self.options.label else metrics
+
+    def _evaluate(self, context):
         questions, references = self._rows()
         tokenizer = context.tokenizer
         prompts = self._prompts(tokenizer)
@@ -276,7 +286,7 @@ class Answers(kdistill.Evaluator):
     def _before(self, context, texts: list[str]) -> list[str] | None:
         """The student's answers before training: kept from phase "before", and in the run folder, so
         that a resumed run still has them (None when the run began without them)."""
-        file = Path(context.output_dir) / "answers" / "answers_before.json" if context.output_dir is not None else None
+        file = Path(context.output_dir) / self._folder / "answers_before.json" if context.output_dir is not None else None
         questions, _ = self._rows()
         if context.phase == "before":
             self._before_texts = texts
@@ -295,7 +305,7 @@ class Answers(kdistill.Evaluator):
     def _write(self, rows: list[dict[str, str]], metrics: dict[str, float], context) -> None:
         if context.output_dir is None:
             return
-        folder = Path(context.output_dir) / "answers"
+        folder = Path(context.output_dir) / self._folder
         folder.mkdir(parents=True, exist_ok=True)
         jsonl, markdown, table = folder / "answers.jsonl", folder / "answers.md", folder / "answers.table.json"
         jsonl.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
@@ -310,7 +320,7 @@ class Answers(kdistill.Evaluator):
         markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
         if context.log_artifact is not None:
             for path in (jsonl, markdown, table):
-                context.log_artifact(str(path), "answers")
+                context.log_artifact(str(path), self._folder)
 
     def _print(self, rows: list[dict[str, str]], metrics: dict[str, float]) -> None:
         if not self.options.show and not metrics:
@@ -323,7 +333,7 @@ class Answers(kdistill.Evaluator):
             return text if len(text) <= width else text[:width - 1] + "…"
         console = Console()
         if self.options.show:
-            shown = Table(title="answers", show_lines=True)
+            shown = Table(title=f"answers {self.options.label}".strip(), show_lines=True)
             for column in ("question", "reference", "teacher", "student before -> after"):
                 shown.add_column(column, overflow="fold")
             for row in rows[:self.options.show]:
