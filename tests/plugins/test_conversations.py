@@ -85,11 +85,17 @@ def test_file_types_read_the_same_examples(tmp_path, tok):
     table.to_parquet(str(tmp_path / "a.parquet"))
     table.to_csv(str(tmp_path / "a.csv"), index=False)
     table.save_to_disk(str(tmp_path / "saved"))
+    whole = source(paths=[str(tmp_path / "a.jsonl")], val_fraction=0, seq_len=64, layout="pad")
+    whole.setup(tok, seed=3)
     seen = []
     for path in ("a.jsonl", "a.parquet", "a.csv", "saved", "saved/data-00000-of-00001.arrow"):
         data = source(paths=[str(tmp_path / path)], val_fraction=0.2, seq_len=64)
         data.setup(tok, seed=3)
         seen.append([b.input_ids.tolist() for b in (data.train_batch(0, 2), *data.val_batches(2))])
+        streamed = source(paths=[str(tmp_path / path)], val_fraction=0, seq_len=64, layout="pad", streaming=True)
+        streamed.setup(tok, seed=3)
+        epoch = [ex for i in range(len(QA)) for ex in example_rows(streamed.train_batch(i, 1))]
+        assert sorted(epoch) == sorted(example_rows(whole.batch_for_keys(whole.train_keys())))
     assert all(s == seen[0] for s in seen)
 
 
@@ -198,13 +204,78 @@ def test_a_tokenizer_without_a_chat_template_is_named(tmp_path, tiny_assets):
     assert counted_text(plain, plain_text.batch_for_keys(torch.tensor([0])), 0) == QA[0][1] + "<eos>"
 
 
-def test_a_run_trains_on_packed_conversations_and_resumes_exactly(tmp_path, tok, tiny_assets):
+def example_rows(batch: kdistill.Batch) -> list[list[int]]:
+    """The token ids of every example of a batch (packed rows split where positions restart)."""
+    out = []
+    for row in range(batch.input_ids.shape[0]):
+        n = int(batch.attention_mask[row].sum())
+        positions = batch.position_ids[row, :n].tolist() if batch.position_ids is not None else list(range(n))
+        starts = [i for i, p in enumerate(positions) if p == 0] + [n]
+        out += [batch.input_ids[row, a:b].tolist() for a, b in zip(starts, starts[1:])]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["pack", "pad"])
+def test_streaming_reads_every_training_example_once_per_epoch_in_an_order_set_by_seed_and_index(tmp_path, tok, layout):
+    import datasets
+
+    rows = [{"prompt": f"{q} {i}", "completion": a} for i in range(10) for q, a in QA]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "qa.parquet"))
+    options = {"paths": [str(tmp_path / "qa.parquet")], "seq_len": 160, "layout": layout, "val_fraction": 0.2,
+               "max_val_examples": 8, "streaming": True, "shuffle_buffer": 16}
+    streamed = source(**options)
+    streamed.setup(tok, seed=7)
+    assert streamed.n_train is None and streamed.n_val >= 1
+    whole = source(**{**options, "streaming": False, "val_fraction": 0})
+    whole.setup(tok, seed=7)
+    everything = sorted(example_rows(whole.batch_for_keys(whole.train_keys())))
+    val = [ex for b in streamed.val_batches(4) for ex in example_rows(b)]
+    assert 1 <= len(val) <= 8
+    # the first epoch of training batches holds every example that is not held out, each once (held-out rows
+    # past max_val_examples are used for neither)
+    n_train = sum(not streamed._held_out(row) for row in range(len(rows)))
+    assert n_train < len(rows) - len(val)
+    seen: list[list[int]] = []
+    index = 0
+    while len(seen) < n_train:
+        seen += example_rows(streamed.train_batch(index, 4))
+        index += 1
+    epoch = seen[:n_train]
+    assert not any(ex in val for ex in epoch)
+    assert len({tuple(ex) for ex in epoch}) == n_train and all(ex in everything for ex in epoch)
+    # shuffled, not file order; a fresh source asked for a later batch first gives the same batch (a resume)
+    assert epoch[:10] != everything[:10]
+    again = source(**options)
+    again.setup(tok, seed=7)
+    assert again.fingerprint() == streamed.fingerprint()
+    assert torch.equal(again.train_batch(index - 2, 4).input_ids, streamed.train_batch(index - 2, 4).input_ids)
+    assert torch.equal(again.train_batch(1, 4).input_ids, streamed.train_batch(1, 4).input_ids)  # back: read again
+    other = source(**options)
+    other.setup(tok, seed=8)
+    assert not torch.equal(other.train_batch(0, 4).input_ids, streamed.train_batch(0, 4).input_ids)
+
+
+def test_streaming_refuses_a_teacher_cache_and_unbounded_validation(tmp_path, tok):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": q, "completion": a} for q, a in QA])
+    streamed = source(paths=[str(path)], streaming=True, val_fraction=0)
+    streamed.setup(tok, seed=0)
+    with pytest.raises(ConfigError) as err:
+        streamed.train_keys()
+    assert str(err.value) == ("data.options.streaming: a streamed source gives its rows no stable keys, so teacher outputs "
+                              "cannot be cached for it; use streaming: false")
+    with pytest.raises(ValueError, match="streaming with val_fraction > 0 needs max_val_examples"):
+        source(paths=[str(path)], streaming=True, max_val_examples=None)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_run_trains_on_packed_conversations_and_resumes_exactly(tmp_path, tok, tiny_assets, streaming):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_assets["teacher"], teacher)
     tok.save_pretrained(teacher)  # the same tokenizer, now with a chat template
     path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": f"{q} {i}", "completion": a} for i in range(6) for q, a in QA])
     raw = tiny_recipe({**tiny_assets, "teacher": str(teacher)}, tmp_path / "run", steps=4, save_every=2)
-    raw["data"] = {"name": "conversations", "options": {"paths": [str(path)], "seq_len": 160, "val_fraction": 0.1}}
+    raw["data"] = {"name": "conversations", "options": {"paths": [str(path)], "seq_len": 160, "val_fraction": 0.1,
+                                                        "streaming": streaming, "shuffle_buffer": 8}}
     summary = kdistill.run(raw)
     assert summary["after"]["val/student_loss"] < summary["before"]["val/student_loss"]
     resumed = cut_after(raw, tmp_path / "resumed", "step-00000004")
@@ -212,3 +283,22 @@ def test_a_run_trains_on_packed_conversations_and_resumes_exactly(tmp_path, tok,
     a = load_file(str(Path(raw["output_dir"]) / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_streamed_run_stops_in_one_line_at_a_bad_row_far_into_the_file(tmp_path, tok, tiny_assets, monkeypatch):
+    from kdistill.plugins.data import conversations
+
+    monkeypatch.setattr(conversations, "RENDER_ROWS", 4)  # rows are rendered as training reaches them, 4 at a time
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_assets["teacher"], teacher)
+    tok.save_pretrained(teacher)
+    rows = [{"prompt": f"{q} {i}", "completion": a} for i in range(8) for q, a in QA] + [{"prompt": "a", "completion": 3}]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    raw = tiny_recipe({**tiny_assets, "teacher": str(teacher)}, tmp_path / "run", steps=30, save_every=4, batch_size=2)
+    raw["data"] = {"name": "conversations", "options": {"paths": [str(path)], "seq_len": 64, "val_fraction": 0,
+                                                        "streaming": True, "shuffle_buffer": 4}}
+    raw["evaluators"] = []
+    with pytest.raises(ConfigError) as err:
+        kdistill.run(raw)
+    assert str(err.value) == f"data: {path} row 48: completion is int, not text"
+    assert sorted(p.name for p in (tmp_path / "run").glob("**/step-*"))[-1] >= "step-00000012"  # what was trained is kept

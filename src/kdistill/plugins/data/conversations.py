@@ -4,16 +4,22 @@ Examples are rendered with the student's tokenizer (its own chat template for co
 teacher and student see the same token ids; which tokens count toward the loss is an option (the
 answers only, by default). Examples are packed several to a row without attention across them, or
 padded one per row in batches of similar length.
+
+With `streaming`, rows are read as they are needed and never all held: the training order shuffles
+within a buffer, validation rows are picked by a seeded hash of their row number, and a resumed run
+re-reads the stream up to where it stopped (exact, at the cost of re-reading).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
+import pydantic
 import torch
 from pydantic import Field
 
@@ -25,6 +31,8 @@ log = logging.getLogger("kdistill")
 
 FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "messages": ("messages",)}
 BUCKET_BATCHES = 32  # padded layout: examples are sorted by length within windows of this many batches
+RENDER_ROWS = 256  # streaming: rows tokenized together
+SEEN_AHEAD = 16  # streaming: training examples read at setup (at least 2 must exist; they go into the fingerprint)
 
 
 class Example:
@@ -68,7 +76,18 @@ class Conversations(kdistill.DataSource):
         first: int = Field(0, ge=0, description="skip the table's first rows (e.g. held out for an evaluator)")
         max_examples: int | None = Field(None, ge=2, description="use at most this many rows (after `first`)")
         val_fraction: float = Field(0.05, ge=0, lt=1)
-        max_val_examples: int | None = Field(256, ge=1)
+        max_val_examples: int | None = Field(256, ge=1, description="the most validation examples (streaming: held-out "
+                                             "rows past it are used for neither)")
+        streaming: bool = Field(False, description="read rows as training needs them, for data larger than memory: "
+                                "shuffled within a buffer, validation rows picked by a hash of their row number, no "
+                                "keys (a teacher cache needs streaming: false)")
+        shuffle_buffer: int = Field(4096, ge=1, description="streaming: examples the training order shuffles within")
+
+        @pydantic.model_validator(mode="after")
+        def _bounded_validation(self) -> "Conversations.Options":
+            if self.streaming and self.val_fraction > 0 and self.max_val_examples is None:
+                raise ValueError("streaming with val_fraction > 0 needs max_val_examples (validation is held in memory)")
+            return self
 
     @classmethod
     def no_validation_split(cls, options):
@@ -163,14 +182,10 @@ class Conversations(kdistill.DataSource):
                               "use loss_on: all")
         return rendered[len(done):]
 
-    def _render(self, tokenizer, table, fmt: str, columns: dict[str, str]) -> list[Example]:
-        o = self.options
-        if fmt == "messages" or (fmt == "prompt-completion" and o.chat_template):
-            check_chat_template(tokenizer, "data.options.chat_template")
-        stop = len(table) if o.max_examples is None else min(len(table), o.first + o.max_examples)
+    def _render(self, tokenizer, records: Iterable[tuple[int, dict[str, Any]]], fmt: str, columns: dict[str, str]) -> list[Example]:
+        """(row number, row) pairs as examples, tokenized together."""
         pieces: list[tuple[int, list[tuple[str, bool]]]] = []
-        for row in range(o.first, stop):
-            record = table[row]
+        for row, record in records:
             pieces.append((row, self._segments(tokenizer, fmt, row, {f: record[c] for f, c in columns.items()})))
         flat = [text for _, segments in pieces for text, _ in segments]
         encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
@@ -186,7 +201,8 @@ class Conversations(kdistill.DataSource):
         return examples
 
     def _fit(self, examples: list[Example]) -> list[Example]:
-        """Examples that fit seq_len (+1: the last token is only a label); the rest cut, dropped or an error."""
+        """Examples that fit seq_len (+1: the last token is only a label); the rest cut, dropped or an error
+        (counted in `self.counts`)."""
         o, limit = self.options, self.options.seq_len + 1
         kept, cut, dropped, empty = [], 0, 0, 0
         for ex in examples:
@@ -203,28 +219,45 @@ class Conversations(kdistill.DataSource):
                 empty += 1
                 continue
             kept.append(ex)
-        if cut or dropped or empty:
-            log.warning("data: of %d examples longer than seq_len %d, %d were cut and %d dropped; %d left with no answer "
-                        "token were dropped", cut + dropped, o.seq_len, cut, dropped, empty)
-        self.counts = {"examples": len(examples), "cut": cut, "dropped": dropped + empty}
+        for name, n in (("examples", len(examples)), ("cut", cut), ("dropped", dropped), ("empty", empty)):
+            self._fitted[name] += n
         return kept
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Examples read, cut at seq_len, and left out (too long, or no answer token left)."""
+        f = self._fitted
+        return {"examples": f["examples"], "cut": f["cut"], "dropped": f["dropped"] + f["empty"]}
+
+    def _report_fit(self, scope: str = "") -> None:
+        f = self._fitted
+        if f["cut"] or f["dropped"] or f["empty"]:
+            log.warning("data: of %d examples%s longer than seq_len %d, %d were cut and %d dropped; %d left with no "
+                        "answer token were dropped", f["cut"] + f["dropped"], scope, self.options.seq_len, f["cut"],
+                        f["dropped"], f["empty"])
 
     # ------------------------------------------------------------------ layout
 
-    def _pack(self, examples: list[Example]) -> list[list[Example]]:
+    def _packed(self, examples: Iterable[Example]) -> Iterator[list[Example]]:
         """Consecutive examples share a row while they fit (order kept, so packing is deterministic)."""
-        rows: list[list[Example]] = []
+        row: list[Example] = []
         room = 0
         for ex in examples:
             need = len(ex.ids) - 1
-            if not rows or need > room:
-                rows.append([])
+            if row and need > room:
+                yield row
+                row = []
+            if not row:
                 room = self.options.seq_len
-            rows[-1].append(ex)
+            row.append(ex)
             room -= need
-        return rows
+        if row:
+            yield row
 
-    def _tensors(self, group: list[Example], width: int, packed: bool) -> tuple[torch.Tensor, ...]:
+    def _units_of(self, examples: Iterable[Example]) -> Iterator[list[Example]]:
+        return self._packed(examples) if self.options.layout == "pack" else ([ex] for ex in examples)
+
+    def _tensors(self, group: list[Example], width: int) -> tuple[torch.Tensor, ...]:
         ids = torch.full((width,), self._pad, dtype=torch.long)
         labels = torch.full((width,), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros(width, dtype=torch.long)
@@ -241,55 +274,69 @@ class Conversations(kdistill.DataSource):
         positions[at:] = torch.arange(width - at)  # padding: a separate, masked-out run of positions
         return ids, labels, attention, positions
 
-    def _batch(self, units: list[int], width: int | None = None, keys: bool = True) -> kdistill.Batch:
+    def _batch_of(self, groups: list[list[Example]], keys: list[int] | None, width: int | None = None) -> kdistill.Batch:
         packed = self.options.layout == "pack"
-        groups = [self._units[u] for u in units]
         if width is None:
             width = self.options.seq_len if packed else max(sum(len(ex.ids) - 1 for ex in g) for g in groups)
-        parts = [self._tensors(g, width, packed) for g in groups]
+        parts = [self._tensors(g, width) for g in groups]
         ids, labels, attention, positions = (torch.stack(column) for column in zip(*parts))
         return kdistill.Batch(input_ids=ids, labels=labels, attention_mask=attention,
-                              keys=torch.tensor(units) if keys else None, position_ids=positions if packed else None)
+                              keys=None if keys is None else torch.tensor(keys), position_ids=positions if packed else None)
+
+    def _batch(self, units: list[int], width: int | None = None, keys: bool = True) -> kdistill.Batch:
+        return self._batch_of([self._units[u] for u in units], units if keys else None, width)
 
     # ------------------------------------------------------------------ DataSource
 
     def setup(self, tokenizer, seed: int) -> None:
         o = self.options
+        self._tokenizer, self._seed = tokenizer, seed
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self._fitted = dict.fromkeys(("examples", "cut", "dropped", "empty"), 0)
+        if o.streaming:
+            self._setup_stream()
+            return
         table = read_table(o.paths, "data.options.paths", o.split)
-        fmt, columns = self._format(list(table.column_names))
+        self.format, self._columns = self._format(list(table.column_names))
+        self._check_template()
         if o.first >= len(table):
             raise ConfigError(f"data.options.first: {o.first} skips every row of {self._where()} ({len(table)} rows)")
-        examples = self._fit(self._render(tokenizer, table, fmt, columns))
+        stop = len(table) if o.max_examples is None else min(len(table), o.first + o.max_examples)
+        examples = self._fit(self._render(tokenizer, ((row, table[row]) for row in range(o.first, stop)),
+                                          self.format, self._columns))
+        self._report_fit()
         if len(examples) < 2:
             raise ConfigError(f"data.options.paths: {self._where()} gives {len(examples)} usable example(s); at least 2 are needed")
-        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
         n_val = min(int(len(examples) * o.val_fraction), o.max_val_examples or len(examples))
         n_val = max(1, n_val) if o.val_fraction > 0 else 0
         val = [examples[i] for i in sorted(order[:n_val])]
         train = [examples[i] for i in sorted(order[n_val:])]
-        if o.layout == "pack":
-            self._units = self._pack(train) + self._pack(val)
-            self._n_train = len(self._units) - len(self._pack(val))
-        else:
-            self._units = [[ex] for ex in train + val]
-            self._n_train = len(train)
+        val_units = list(self._units_of(val))
+        self._units = list(self._units_of(train)) + val_units
+        self._n_train: int | None = len(self._units) - len(val_units)
         self._lengths = [sum(len(ex.ids) - 1 for ex in unit) for unit in self._units]
-        self._seed = seed
         self._epoch_cache: tuple[int, int, list[int]] | None = None
-        self.format = fmt
-        digest = hashlib.sha256(json.dumps([o.model_dump(mode="json"), seed, n_val]).encode())
-        for ex in examples:
-            digest.update(torch.tensor(ex.ids + [-1] + [int(c) for c in ex.counts], dtype=torch.int64).numpy().tobytes())
-        self._fingerprint = digest.hexdigest()[:16]
+        self._fingerprint = self._digest(examples, n_val)
         tokens = sum(self._lengths[:self._n_train])
         counted = sum(sum(ex.counts[1:]) for ex in train)
         log.info("data: %s as %s, %d training examples in %d rows (%d tokens, %d counted), %d validation examples",
-                 os.path.basename(self._where()), fmt, len(train), self._n_train, tokens, counted, len(val))
+                 os.path.basename(self._where()), self.format, len(train), self._n_train, tokens, counted, len(val))
+
+    def _check_template(self) -> None:
+        if self.format == "messages" or (self.format == "prompt-completion" and self.options.chat_template):
+            check_chat_template(self._tokenizer, "data.options.chat_template")
+
+    def _digest(self, examples: Iterable[Example], n_val: int) -> str:
+        digest = hashlib.sha256(json.dumps([self.options.model_dump(mode="json"), self._seed, n_val]).encode())
+        for ex in examples:
+            digest.update(torch.tensor(ex.ids + [-1] + [int(c) for c in ex.counts], dtype=torch.int64).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def _epoch_order(self, epoch: int, batch_size: int) -> list[int]:
         if self._epoch_cache is not None and self._epoch_cache[:2] == (epoch, batch_size):
             return self._epoch_cache[2]
+        assert self._n_train is not None
         g = torch.Generator().manual_seed(self._seed * 1_000_003 + epoch)
         order = torch.randperm(self._n_train, generator=g).tolist()
         if self.options.layout == "pad":  # batches of similar length, in a random order within each window
@@ -305,33 +352,159 @@ class Conversations(kdistill.DataSource):
         return order
 
     def train_batch(self, index: int, batch_size: int) -> kdistill.Batch:
+        if self.options.streaming:
+            return self._batch_of(self._stream_group(index, batch_size), None)
         n = self._n_train
+        assert n is not None
         units = [self._epoch_order(pos // n, batch_size)[pos % n] for pos in range(index * batch_size, (index + 1) * batch_size)]
         return self._batch(units)
 
     def val_batches(self, batch_size: int) -> Iterator[kdistill.Batch]:
-        val = list(range(self._n_train, len(self._units)))
+        val = list(range(self._n_train if self._n_train is not None else 0, len(self._units)))
         for i in range(0, len(val), batch_size):
             yield self._batch(val[i:i + batch_size], keys=False)
 
     def train_keys(self) -> torch.Tensor:
         """Row numbers of the training units (stable for a given table, tokenizer, options and seed)."""
+        if self._n_train is None:
+            raise ConfigError("data.options.streaming: a streamed source gives its rows no stable keys, so teacher outputs "
+                              "cannot be cached for it; use streaming: false")
         return torch.arange(self._n_train)
 
     def batch_for_keys(self, keys: torch.Tensor) -> kdistill.Batch:
         """Full-width rows (seq_len), so a cache holds one shape; padded training batches are a prefix of it."""
+        self.train_keys()
         return self._batch(keys.long().tolist(), width=self.options.seq_len)
 
     @property
-    def n_train(self) -> int:
+    def n_train(self) -> int | None:
+        """Training units (rows when packed, examples when padded); None when streaming (not known ahead)."""
         return self._n_train
 
     @property
     def n_val(self) -> int:
-        return len(self._units) - self._n_train
+        return len(self._units) - (self._n_train or 0)
 
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    # ------------------------------------------------------------------ streaming
+
+    def _held_out(self, row: int) -> bool:
+        """A row is for validation when a seeded hash of its number falls below val_fraction: decided row by row,
+        without knowing how many rows there are."""
+        if self.options.val_fraction == 0:
+            return False
+        digest = hashlib.sha256(f"{self._seed}/{row}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") / 2 ** 64 < self.options.val_fraction
+
+    def _stream_rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(row number, row) in file order, from `first` on, at most max_examples."""
+        o = self.options
+        stop = None if o.max_examples is None else o.first + o.max_examples
+        table = read_table(o.paths, "data.options.paths", o.split, streaming=True)
+        for row, record in enumerate(table.skip(o.first) if o.first else table, start=o.first):
+            if stop is not None and row >= stop:
+                return
+            yield row, record
+
+    def _stream_examples(self, rows: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[Example]:
+        chunk: list[tuple[int, dict[str, Any]]] = []
+        for item in rows:
+            chunk.append(item)
+            if len(chunk) == RENDER_ROWS:
+                yield from self._fit(self._render(self._tokenizer, chunk, self.format, self._columns))
+                chunk = []
+        if chunk:
+            yield from self._fit(self._render(self._tokenizer, chunk, self.format, self._columns))
+
+    def _setup_stream(self) -> None:
+        """Read from the start until the validation examples are found (and two training ones): the only rows held."""
+        o = self.options
+        rows = self._stream_rows()
+        try:
+            row, first = next(rows)
+        except StopIteration:
+            raise ConfigError(f"data.options.first: {o.first} skips every row of {self._where()}") from None
+        self.format, self._columns = self._format(list(first))
+        self._check_template()
+        cap = (o.max_val_examples or 0) if o.val_fraction > 0 else 0
+        val: list[Example] = []
+        seen: list[Example] = []
+        for ex in self._stream_examples(itertools.chain([(row, first)], rows)):
+            if self._held_out(ex.row):
+                if len(val) < cap:
+                    val.append(ex)
+            elif len(seen) < SEEN_AHEAD:
+                seen.append(ex)
+            if len(val) >= cap and len(seen) >= SEEN_AHEAD:
+                break
+        self._report_fit(" read ahead")
+        if len(seen) < 2:
+            raise ConfigError(f"data.options.paths: {self._where()} gives {len(seen)} usable training example(s); at least 2 "
+                              "are needed")
+        if cap and not val:
+            raise ConfigError(f"data.options.val_fraction: no row of {self._where()} was held out for validation at "
+                              f"{o.val_fraction}; raise it, or set it to 0")
+        self._units = list(self._units_of(val))
+        self._n_train = None
+        self._cursor: tuple[int, int, Iterator[list[list[Example]]]] | None = None
+        self._fingerprint = self._digest(val + seen, len(val))
+        log.info("data: %s as %s, streamed (shuffle buffer %d), %d validation examples", os.path.basename(self._where()),
+                 self.format, o.shuffle_buffer, len(val))
+
+    def _shuffled(self, rows: Iterable[Any], epoch: int) -> Iterator[Any]:
+        """A buffer of shuffle_buffer items, drawn from at random as new ones come in (seeded per epoch)."""
+        g = torch.Generator().manual_seed(self._seed * 1_000_003 + epoch)
+        size, buffer = self.options.shuffle_buffer, []
+        for item in rows:
+            if len(buffer) < size:
+                buffer.append(item)
+                continue
+            pick = int(torch.randint(size, (1,), generator=g))
+            yield buffer[pick]
+            buffer[pick] = item
+        for pick in torch.randperm(len(buffer), generator=g).tolist():
+            yield buffer[pick]
+
+    def _stream_units(self, batch_size: int) -> Iterator[list[Example]]:
+        """Training units of epoch 0, 1, ... in turn: held-out rows left out, the rest shuffled, rendered, packed;
+        padded, they come in batches of similar length, shuffled within windows of the epoch."""
+        for epoch in itertools.count():
+            rows = (item for item in self._stream_rows() if not self._held_out(item[0]))
+            units = self._units_of(self._stream_examples(self._shuffled(rows, epoch)))
+            n = 0
+            # packed rows go as they come; padded examples are read a window ahead
+            window_size = batch_size * BUCKET_BATCHES if self.options.layout == "pad" else 1
+            for window_index in itertools.count():
+                window = list(itertools.islice(units, window_size))
+                if not window:
+                    break
+                n += len(window)
+                if self.options.layout == "pad":
+                    window.sort(key=lambda u: len(u[0].ids))
+                    batches = [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+                    g = torch.Generator().manual_seed((self._seed * 1_000_003 + epoch) * 1_000_003 + window_index)
+                    window = [unit for b in torch.randperm(len(batches), generator=g).tolist() for unit in batches[b]]
+                yield from window
+            self._report_fit(f" streamed up to epoch {epoch}")
+            if n == 0:
+                raise ConfigError(f"data.options.paths: {self._where()} gives no usable training example")
+
+    def _stream_groups(self, batch_size: int) -> Iterator[list[list[Example]]]:
+        units = self._stream_units(batch_size)
+        while True:
+            yield list(itertools.islice(units, batch_size))
+
+    def _stream_group(self, index: int, batch_size: int) -> list[list[Example]]:
+        """Batch `index` of the stream: the next one, or read again from the start (a resume, an earlier index)."""
+        if self._cursor is None or self._cursor[0] != batch_size or self._cursor[1] > index:
+            self._cursor = (batch_size, 0, self._stream_groups(batch_size))
+        size, at, groups = self._cursor
+        for _ in range(index - at):
+            next(groups)
+        self._cursor = (size, index + 1, groups)
+        return next(groups)
 
 
 @kdistill.hookimpl
