@@ -12,7 +12,8 @@ and evaluators are held to the same rule (tests/core/test_layering.py checks it)
 - Models: `load_causal_lm`, `load_tokenizer`, `student_from_teacher`, `decoder_layers`,
   `choose_attention` (SDPA, or flash attention 2 on CUDA where installed).
 - Conversations: `read_table` (local data through `datasets`), `prompt_ids` (a prompt in the chat
-  template), `sample_completions` (batched generation with a KV cache), `stop_ids`, `check_chat_template`.
+  template), `sample_completions` (batched generation with a KV cache; `sample_completions_with_logits`
+  also gives the stop token and the raw logits of every generated token), `stop_ids`, `check_chat_template`.
 - Runs: `pick_device`, `seed_everything`; `run_generator` (a recipe's generator, as `kdistill run` runs it first).
 - Figures: `loss_curves`, `sweep_plot`, `histogram`, `bars` (headless PNG files).
 - Commands (from `kd_register_commands`): `recipe_path`, `plan_recipe`, `fail`, `track_side_run`, `SET_HELP`.
@@ -25,7 +26,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kdistill.core.capture import attention_module, capture, num_layers
-from kdistill.core.chat import GENERATION_MANIFEST, ROLES, check_chat_template, prompt_ids, read_table, sample_completions, stop_ids
+from kdistill.core.chat import (
+    GENERATION_MANIFEST,
+    ROLES,
+    check_chat_template,
+    prompt_ids,
+    read_table,
+    sample_completions,
+    sample_completions_with_logits,
+    stop_ids,
+)
 from kdistill.core.components import check_pairs
 from kdistill.core.errors import KdistillError
 from kdistill.core.fused import TeacherRows, final_hidden, frozen_outputs, fused_logit_loss, fused_supported, model_dtype
@@ -86,7 +96,8 @@ def track_side_run(plan, suffix: str, params: dict[str, Any], metrics: list[dict
 
 __all__ = [
     "GENERATION_MANIFEST", "RECIPES_DIR", "ROLES", "SET_HELP", "check_chat_template", "prompt_ids", "read_table",
-    "sample_completions", "stop_ids", "FeatureBridge", "LossStep", "StepOptions", "TeacherRows", "use_eager_attention",
+    "sample_completions", "sample_completions_with_logits", "stop_ids", "FeatureBridge", "LossStep", "StepOptions",
+    "TeacherRows", "use_eager_attention",
     "weighted_losses", "attention_module", "bars", "capture", "check_pairs", "choose_attention",
     "decoder_layers", "fail", "final_hidden", "frozen_outputs", "fused_logit_loss", "fused_supported", "histogram",
     "load_causal_lm", "load_tokenizer", "loss_curves", "model_dtype", "num_layers", "pick_device", "plan_recipe", "recipe_path",

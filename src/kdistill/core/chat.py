@@ -4,7 +4,8 @@ evaluators share.
 `read_table` opens local data with Hugging Face `datasets` (JSON Lines, JSON, Parquet, CSV, Arrow
 files, or a `save_to_disk` folder); `prompt_ids` renders a prompt with the tokenizer's own chat
 template; `sample_completions` answers prompts with a model's `generate` (KV cache, batched, left
-padding), seeded so that the same prompts give the same answers again.
+padding), seeded so that the same prompts give the same answers again (`sample_completions_with_logits`:
+with the stop token and the raw logits of every generated token).
 """
 
 from __future__ import annotations
@@ -147,13 +148,10 @@ def stop_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-    """The model's answers (token ids, without the stop token) to prompts given as token ids, all in one
-    batched `generate` with a KV cache. Temperature 0 is greedy decoding; otherwise sampling seeded
-    with `seed`, so the same prompts in the same batch give the same answers."""
-    if not prompts:
-        return []
+def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
+              top_p: float, seed: int, logits: bool) -> tuple[list[list[int]], list[int], tuple[torch.Tensor, ...]]:
+    """One batched `generate`: every row's new tokens (to max_new_tokens, padding after a stop included), the
+    stop ids, and (`logits`) the model's raw logits of every step, [len(prompts), V] each."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
@@ -165,16 +163,46 @@ def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[in
     stops = stop_ids(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    # output_logits: the logits as the model gave them, before temperature, top-p or any other processor
+    extra = {"return_dict_in_generate": True, "output_logits": True} if logits else {}
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=stops or None, use_cache=True, **sampling)
+                             pad_token_id=pad, eos_token_id=stops or None, use_cache=True, **sampling, **extra)
     model.train(was_training)
-    answers = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, token in enumerate(row) if token in stops), len(row))
-        answers.append(row[:cut])
-    return answers
+    sequences = out.sequences if logits else out
+    return sequences[:, width:].tolist(), stops, tuple(out.logits) if logits else ()
+
+
+def _stop_at(row: list[int], stops: list[int]) -> int:
+    """The index of the first stop token in `row` (its length when there is none)."""
+    return next((i for i, token in enumerate(row) if token in stops), len(row))
+
+
+def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    """The model's answers (token ids, without the stop token) to prompts given as token ids, all in one
+    batched `generate` with a KV cache. Temperature 0 is greedy decoding; otherwise sampling seeded
+    with `seed`, so the same prompts in the same batch give the same answers."""
+    if not prompts:
+        return []
+    rows, stops, _ = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed, logits=False)
+    return [row[:_stop_at(row, stops)] for row in rows]
+
+
+def sample_completions_with_logits(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                                   temperature: float = 0.0, top_p: float = 1.0,
+                                   seed: int = 0) -> tuple[list[list[int]], tuple[torch.Tensor, ...]]:
+    """As `sample_completions` (the same answers), but each answer keeps the stop token that ended it (none when
+    it reached max_new_tokens), and the model's raw logits come with them: one float32 [len(prompts), V] tensor
+    per generation step, before temperature, top-p or any other processor, so answer i's token j was drawn from
+    logits[j][i]. Every step of the batch is kept until it ends: len(prompts) x steps x V x 4 bytes."""
+    if not prompts:
+        return [], ()
+    rows, stops, logits = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, seed=seed, logits=True)
+    return [row[:_stop_at(row, stops) + 1] for row in rows], logits

@@ -4,7 +4,11 @@ Layout of the output folder (read by the conversations data source, or any `read
 
     generation.json             what the answers were written from and how, and the shards written so far
     shard-00000.parquet, ...    one per `shard_prompts` prompts: prompt, completion, prompt_index, sample,
-                                completion_tokens
+                                completion_tokens; with `top_k`, also completion_ids (the tokens generated,
+                                the stop token included when one ended the answer) and, for each of them,
+                                the teacher's top-k log-probabilities in the teacher cache's encoding
+                                (cache_store.ENCODING), flat per answer: top_k_ids and top_k_q (len x k,
+                                row-major), top_k_hi, top_k_lo, top_k_log_tail (len)
 
 Shards are written to a temporary name, fsynced and renamed, and the manifest is rewritten (atomically)
 after each one: a write killed at any point resumes at the first shard that is missing or whose sha256
@@ -23,18 +27,29 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
+import torch
 from pydantic import Field
 
 import kdistill
 from kdistill import ConfigError, resolve_path
-from kdistill.plugins.teachers.cache_store import file_digest, weights_digest
-from kdistill.toolkit import GENERATION_MANIFEST, ROLES, check_chat_template, prompt_ids, read_table, sample_completions
+from kdistill.plugins.teachers.cache_store import ENCODING, encode_top_k, file_digest, ids_dtype, vocab_digest, weights_digest
+from kdistill.toolkit import (
+    GENERATION_MANIFEST,
+    ROLES,
+    check_chat_template,
+    prompt_ids,
+    read_table,
+    sample_completions,
+    sample_completions_with_logits,
+    stop_ids,
+)
 
 FORMAT = 1
 FIELD = "generator.options"
 # manifest fields a rerun must agree on to keep what was written; (section, key) pairs that may differ
-IDENTITY = ("format", "teacher", "sampling", "layout", "prompts", "n_prompts")
+IDENTITY = ("format", "teacher", "sampling", "layout", "prompts", "n_prompts", "top_k")
 MAY_DIFFER = {("teacher", "model"), ("prompts", "paths")}  # a model or data moved keeps its answers
+TOP_K = ("top_k_ids", "top_k_q", "top_k_hi", "top_k_lo", "top_k_log_tail")  # the stored columns, as ENCODING's
 
 
 def shard_name(index: int) -> str:
@@ -69,11 +84,19 @@ class TeacherAnswers(kdistill.Generator):
         seed: int = Field(0, description="sampling seed; each batch is seeded from it and its prompts' place")
         batch_size: int = Field(16, ge=1, description="prompts per generate call")
         shard_prompts: int = Field(64, ge=1, description="prompts per shard file (the unit a resumed write keeps)")
+        top_k: int | None = Field(None, ge=1, description="also store the teacher's k largest log-probabilities at "
+                                  "every generated token, in the teacher cache's encoding, so that training on the "
+                                  "answers needs no teacher forward (teacher answers-top-k); none: not stored")
+        top_k_temperature: float = Field(1.0, gt=0, description="the temperature T of those log-probabilities "
+                                         "(softmax of the raw logits / T, whatever the sampling temperature); losses "
+                                         "trained on them use the same T")
 
         @pydantic.model_validator(mode="after")
         def _samples_differ(self) -> "TeacherAnswers.Options":
             if self.answers_per_prompt > 1 and self.temperature == 0:
                 raise ValueError("answers_per_prompt > 1 needs temperature > 0 (greedy answers are all the same)")
+            if self.top_k is None and self.top_k_temperature != 1.0:
+                raise ValueError("top_k_temperature needs top_k (no log-probabilities are stored without it)")
             return self
 
     def __init__(self, options: Options | None = None):
@@ -113,7 +136,9 @@ class TeacherAnswers(kdistill.Generator):
                 "layout": {"batch_size": o.batch_size, "shard_prompts": o.shard_prompts},
                 "prompts": {"paths": list(o.prompts), "split": o.split, "column": o.column, "first": o.first,
                             "count": o.count, "digest": hashlib.sha256(texts.encode()).hexdigest()[:32]},
-                "n_prompts": len(rows)}
+                "n_prompts": len(rows),
+                "top_k": None if o.top_k is None else {"k": o.top_k, "temperature": o.top_k_temperature,
+                                                       "encoding": ENCODING}}
 
     # ------------------------------------------------------------------------------ what is there
 
@@ -171,6 +196,9 @@ class TeacherAnswers(kdistill.Generator):
     def generate(self, teacher: kdistill.TeacherProvider, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
         o, tokenizer = self.options, teacher.tokenizer
         check_chat_template(tokenizer, "generator")
+        vocab = int(teacher.model.get_output_embeddings().weight.shape[0])
+        if o.top_k is not None and o.top_k > vocab:
+            raise ConfigError(f"{FIELD}.top_k: {o.top_k} is more than the teacher's {vocab} tokens")
         identity = self.identity(teacher)
         old = self._old(identity, overwrite)
         if old is None and (self.folder / GENERATION_MANIFEST).exists():  # --overwrite: only our own files go
@@ -181,6 +209,9 @@ class TeacherAnswers(kdistill.Generator):
         shards = self._shards()
         previous = float(old.get("seconds", 0.0)) if old else 0.0
         manifest: dict[str, Any] = {**identity, "complete": False, "shards": [], "tokens": 0, "seconds": previous}
+        if o.top_k is not None:  # what the stored ids mean (the weights digest already decides the teacher)
+            manifest["vocabulary"] = {"size": vocab, "ids_dtype": str(ids_dtype(vocab)).replace("torch.", ""),
+                                      "tokenizer": vocab_digest(tokenizer)}
 
         def save(records: dict[str, dict[str, Any]], seconds: float, complete: bool = False) -> None:
             ordered = [records[name] for name in sorted(records)]
@@ -197,32 +228,52 @@ class TeacherAnswers(kdistill.Generator):
             name = shard_name(index)
             if name in kept:
                 continue
-            columns: dict[str, list[Any]] = {"prompt": [], "completion": [], "prompt_index": [], "sample": [],
-                                             "completion_tokens": []}
+            columns: dict[str, list[Any]] = {name: [] for name in _schema(o.top_k is not None, vocab).names}
             for start in range(0, len(shard), o.batch_size):
                 batch = shard[start:start + o.batch_size]
                 ids = [prompt_ids(tokenizer, prompt, f"{FIELD}.prompts") for _, prompt in batch]
-                answers = [sample_completions(teacher.model, tokenizer, ids, max_new_tokens=o.max_new_tokens,
-                                              temperature=o.temperature, top_p=o.top_p,
-                                              seed=batch_seed(o.seed, batch[0][0], sample))
+                answers = [self._answer(teacher, ids, batch_seed(o.seed, batch[0][0], sample), vocab)
                            for sample in range(o.answers_per_prompt)]
                 for row, (prompt_index, prompt) in enumerate(batch):
                     for sample in range(o.answers_per_prompt):
-                        answer = answers[sample][row]
+                        answer, stored = answers[sample][row]
                         columns["prompt"].append(prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False))
                         columns["completion"].append(tokenizer.decode(answer, skip_special_tokens=True))
                         columns["prompt_index"].append(prompt_index)
                         columns["sample"].append(sample)
                         columns["completion_tokens"].append(len(answer))
+                        for column, value in stored.items():
+                            columns[column].append(value)
                         tokens += len(answer)
                 bar.update(len(batch))
                 bar.set_postfix_str(f"{tokens / max(time.perf_counter() - began, 1e-9):.0f} tokens/s")
-            records[name] = {"name": name, **_write_shard(self.folder, name, columns)}
+            records[name] = {"name": name, **_write_shard(self.folder, name, columns, _schema(o.top_k is not None, vocab))}
             # a resumed write keeps this shard; the last one and `complete` are saved together
             save(records, time.perf_counter() - began, complete=len(records) == len(shards))
         bar.close()
         save(records, time.perf_counter() - began, complete=True)
         return manifest
+
+    def _answer(self, teacher: kdistill.TeacherProvider, prompts: list[list[int]], seed: int,
+                vocab: int) -> list[tuple[list[int], dict[str, Any]]]:
+        """Each prompt's answer (without its stop token) and, with top_k, the columns stored beside it:
+        completion_ids (the stop token included when one ended the answer) and the top-k of each of them."""
+        o = self.options
+        sampling = {"max_new_tokens": o.max_new_tokens, "temperature": o.temperature, "top_p": o.top_p, "seed": seed}
+        if o.top_k is None:
+            return [(answer, {}) for answer in sample_completions(teacher.model, teacher.tokenizer, prompts, **sampling)]
+        answers, logits = sample_completions_with_logits(teacher.model, teacher.tokenizer, prompts, **sampling)
+        # step by step (no copy of every step's logits at once); [prompts, steps, ...] once small
+        steps = [encode_top_k(step, o.top_k, o.top_k_temperature, vocab)[0] for step in logits]
+        del logits
+        encoded = {key: torch.stack([step[key] for step in steps], dim=1).cpu() for key in steps[0]}
+        stops, out = stop_ids(teacher.tokenizer), []
+        for row, ids in enumerate(answers):
+            stored: dict[str, Any] = {"completion_ids": ids}
+            for column, key in zip(TOP_K, ("ids", "q", "hi", "lo", "log_tail")):
+                stored[column] = encoded[key][row, :len(ids)].reshape(-1).numpy()
+            out.append((ids[:-1] if ids and ids[-1] in stops else ids, stored))
+        return out
 
     def describe(self, manifest: dict[str, Any]) -> str:
         seconds = manifest.get("seconds") or 0.0
@@ -282,13 +333,25 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _write_shard(folder: Path, name: str, columns: dict[str, list[Any]]) -> dict[str, Any]:
+def _schema(top_k: bool, vocab: int):
+    """The shard's columns: the answers, and with top_k the generated ids and their stored top-k."""
+    import pyarrow as pa
+
+    fields = [("prompt", pa.string()), ("completion", pa.string()), ("prompt_index", pa.int64()), ("sample", pa.int32()),
+              ("completion_tokens", pa.int32())]
+    if top_k:
+        ids = {1: pa.uint8(), 2: pa.uint16(), 4: pa.int32()}[ids_dtype(vocab).itemsize]
+        fields += [("completion_ids", pa.list_(pa.int32())), ("top_k_ids", pa.list_(ids)), ("top_k_q", pa.list_(pa.uint8())),
+                   ("top_k_hi", pa.list_(pa.float16())), ("top_k_lo", pa.list_(pa.float16())),
+                   ("top_k_log_tail", pa.list_(pa.float16()))]
+    return pa.schema(fields)
+
+
+def _write_shard(folder: Path, name: str, columns: dict[str, list[Any]], schema) -> dict[str, Any]:
     """One shard, atomically; its record for the manifest (rows, tokens, sha256)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("prompt", pa.string()), ("completion", pa.string()), ("prompt_index", pa.int64()),
-                        ("sample", pa.int32()), ("completion_tokens", pa.int32())])
     tmp = folder / f".tmp-{name}"
     pq.write_table(pa.table(columns, schema=schema), tmp)
     _fsync(tmp)

@@ -16,7 +16,9 @@ Each shard holds, for its sequences (rows) and every position:
     hi, lo    [n, S]       float16  the largest and smallest of the k log-probabilities
     log_tail  [n, S]       float16  log of the probability of every token outside the top k
 
-At k = 64 and a vocabulary under 65,536 that is 64*2 + 64 + 3*2 = 198 bytes per token. The error
+At k = 64 and a vocabulary under 65,536 that is 64*2 + 64 + 3*2 = 198 bytes per token. This per-position
+encoding (ENCODING; `encode_top_k`, `decode_top_k`) is also how `kdistill generate` stores the teacher's
+top-k for the tokens it wrote (generator option `top_k`). The error
 of a stored log-probability is at most half a quantization step plus float16 rounding of hi and lo;
 the writer measures the largest error it made and records it in the manifest. The reader
 renormalizes the k + 1 bins (top k and tail) so they sum to one.
@@ -54,6 +56,7 @@ OLD_FORMATS = ("kdistill-teacher-cache/1",)  # no content hashes, the teacher kn
 MANIFEST = "manifest.json"
 INDEX = "index.safetensors"
 LEVELS = 255
+ENCODING = "kdistill-top-k/1"  # per position: ids, q (uint8), hi, lo, log_tail (float16), as below
 
 # manifest fields that must match between a cache and the run that uses it (or resumes writing it)
 IDENTITY_FIELDS = ("format", "teacher", "tokenizer", "data_fingerprint", "k", "temperature", "shard_sequences",
@@ -108,6 +111,25 @@ def quantize(top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def dequantize(q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     hi, lo = hi.float().unsqueeze(-1), lo.float().unsqueeze(-1)
     return hi - q.float() * (hi - lo) / LEVELS
+
+
+def encode_top_k(logits: torch.Tensor, k: int, temperature: float, vocab_size: int) -> tuple[dict[str, torch.Tensor], float]:
+    """The stored form (ENCODING) of the top-k log-probabilities of softmax(logits / T) at every position of
+    `logits` [..., V]: ids (the smallest type the vocabulary fits), q, hi, lo and log_tail; and the largest
+    error of a stored log-probability."""
+    top, ids, tail = top_k_targets(logits, k, temperature)
+    q, hi, lo = quantize(top)
+    worst = float((dequantize(q, hi, lo) - top).abs().max()) if top.numel() else 0.0
+    return {"ids": ids.to(ids_dtype(vocab_size)), "q": q, "hi": hi, "lo": lo, "log_tail": tail.half()}, worst
+
+
+def decode_top_k(ids: torch.Tensor, q: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, log_tail: torch.Tensor,
+                 temperature: float) -> SparseTargets:
+    """Targets from their stored form: the k log-probabilities and the tail renormalized to sum to one."""
+    bins = torch.cat([dequantize(q, hi, lo), log_tail.float().unsqueeze(-1)], dim=-1)
+    bins = bins - torch.logsumexp(bins, dim=-1, keepdim=True)
+    return SparseTargets(ids=ids.long(), logprobs=bins[..., :-1].contiguous(), log_tail=bins[..., -1].contiguous(),
+                         temperature=temperature)
 
 
 def _fsync(path: Path) -> None:
@@ -292,11 +314,9 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
         for start in range(0, len(shard_keys), batch_size):
             batch = data.batch_for_keys(shard_keys[start:start + batch_size]).to(device)
             bar.update(batch.input_ids.shape[0])
-            logits = _teacher_logits(teacher, batch, Needs)
-            top, ids, tail = top_k_targets(logits, k, temperature)
-            q, hi, lo = quantize(top)
-            worst = max(worst, float((dequantize(q, hi, lo) - top).abs().max()))
-            for name, value in (("ids", ids.to(ids_dtype(vocab))), ("q", q), ("hi", hi), ("lo", lo), ("log_tail", tail.half())):
+            encoded, error = encode_top_k(_teacher_logits(teacher, batch, Needs), k, temperature, vocab)
+            worst = max(worst, error)
+            for name, value in encoded.items():
                 parts[name].append(value.cpu())
         tensors = {name: torch.cat(values) for name, values in parts.items()}
         tensors["keys"] = shard_keys.to(torch.int64).clone()
@@ -478,11 +498,7 @@ class TeacherCache:
             for name in parts:
                 parts[name].append(handle.get_slice(name)[row:row + 1])
         t = {name: torch.cat(values) for name, values in parts.items()}
-        top = dequantize(t["q"], t["hi"], t["lo"])
-        bins = torch.cat([top, t["log_tail"].float().unsqueeze(-1)], dim=-1)
-        bins = bins - torch.logsumexp(bins, dim=-1, keepdim=True)
-        return SparseTargets(ids=t["ids"].long(), logprobs=bins[..., :-1].contiguous(), log_tail=bins[..., -1].contiguous(),
-                             temperature=self.temperature)
+        return decode_top_k(t["ids"], t["q"], t["hi"], t["lo"], t["log_tail"], self.temperature)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._where)
