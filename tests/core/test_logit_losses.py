@@ -54,6 +54,8 @@ def ref_dist(kind, ps, pt, opts):
         return kl(ps, pt) * T * T
     if kind == "jsd":
         b = opts["beta"]
+        if b in (0, 1):  # TRL's convention at the ends: forward and reverse KL
+            return (kl(pt, ps) if b == 0 else kl(ps, pt)) * T * T
         m = [b * x + (1 - b) * y for x, y in zip(pt, ps)]
         return (b * kl(pt, m) + (1 - b) * kl(ps, m)) * T * T
     if kind == "skew-kl":
@@ -80,6 +82,8 @@ CASES = [
     (ForwardKL, {"temperature": 0.7}),
     (ReverseKL, {"temperature": 1.5}),
     (JSD, {"temperature": 1.0, "beta": 0.3}),
+    (JSD, {"temperature": 1.0, "beta": 0.0}),
+    (JSD, {"temperature": 2.0, "beta": 1.0}),
     (SkewKL, {"temperature": 2.0, "alpha": 0.2, "direction": "forward"}),
     (SkewKL, {"temperature": 1.0, "alpha": 0.4, "direction": "reverse"}),
     (TVD, {"temperature": 1.3}),

@@ -183,15 +183,15 @@ def _stop_at(row: list[int], stops: list[int]) -> int:
 
 
 def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-    """The model's answers (token ids, without the stop token) to prompts given as token ids, all in one
-    batched `generate` with a KV cache. Temperature 0 is greedy decoding; otherwise sampling seeded
-    with `seed`, so the same prompts in the same batch give the same answers."""
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, keep_stop: bool = False) -> list[list[int]]:
+    """The model's answers (token ids, without the stop token unless `keep_stop`) to prompts given as token
+    ids, all in one batched `generate` with a KV cache. Temperature 0 is greedy decoding; otherwise sampling
+    seeded with `seed`, so the same prompts in the same batch give the same answers."""
     if not prompts:
         return []
     rows, stops, _ = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, seed=seed, logits=False)
-    return [row[:_stop_at(row, stops)] for row in rows]
+    return [row[:_stop_at(row, stops) + int(keep_stop)] for row in rows]
 
 
 def sample_completions_with_logits(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

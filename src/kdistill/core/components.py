@@ -161,6 +161,9 @@ class TeacherProvider(Component):
     kind = "teacher"
     model: nn.Module | None = None
     tokenizer: Any = None
+    # whether it can score text it has not seen before (the student's own answers): a provider of stored
+    # targets (a top-k cache) cannot
+    scores_new_text: ClassVar[bool] = True
 
     def load(self, device: torch.device) -> None:
         raise NotImplementedError
@@ -383,8 +386,25 @@ class Strategy(Component):
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def prepare_batch(self, batch: Batch, index: int) -> Batch:
+        """Each micro-batch of a step goes through here before the step counts its tokens: a strategy that
+        trains on other text than the data's (the student's own answers, on-policy) makes it here.
+        `index`: the global micro-batch index (with the process's rank, a seed that a resume repeats)."""
+        return batch
+
+    def step_metrics(self) -> dict[str, float]:
+        """Counts of the step just taken (summed over processes), logged with the engine's metrics (e.g. how
+        many sampled answers were empty). Every process returns the same names."""
+        return {}
+
     def after_step(self) -> None:
         """Called after every optimizer step (an EMA teacher updates here)."""
+
+    @classmethod
+    def recipe_problems(cls, recipe: Any, components: Mapping[str, list[Any]]) -> list[str]:
+        """Checked with the recipe, before anything loads: what this strategy cannot work with, one
+        `field: message` each (`components`: the resolved components by recipe slot)."""
+        return []
 
 
 class DataSource(Component):
@@ -482,6 +502,8 @@ class TrainContext:
     total_tokens: int = 1  # counted positions in the current optimizer step (set per step)
     step: int = 0  # the current optimizer step (from 0) and the run's total, for scheduled values
     total_steps: int = 1
+    tokenizer: Any = None  # the student's
+    rank: int = 0  # this process's rank (distributed runs)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

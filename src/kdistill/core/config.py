@@ -510,6 +510,7 @@ def _cross_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list
         problems.append(f"{no_split} leaves no validation split, which evaluator{'s' if len(needing) > 1 else ''} "
                         f"{', '.join(repr(n) for n in needing)} need{'' if len(needing) > 1 else 's'}")
     strategy = components["strategy"][0]
+    problems += strategy.entry.cls.recipe_problems(recipe, components)
     has_teacher = bool(components.get("teacher"))
     if strategy.entry.cls.needs_teacher and not has_teacher:
         problems.append(f"teacher: strategy '{strategy.entry.name}' needs a teacher; add a teacher section")

@@ -81,7 +81,8 @@ class Engine:
         self.tracker: kinds.Tracker | summary.NoTracker = required(plan.build("tracker", kinds.Tracker)) if self.is_main else summary.NoTracker()
         self.strategy = required(plan.build("strategy", kinds.Strategy))
         self.context = kinds.TrainContext(student=self.student, teacher=self.teacher, losses=self.losses, needs=kinds.Needs(),
-                                    layer_mapper=plan.build("layer_mapper", kinds.LayerMapper))
+                                    layer_mapper=plan.build("layer_mapper", kinds.LayerMapper), tokenizer=self.tokenizer,
+                                    rank=getattr(self.backend, "rank", 0))
         self.strategy.setup(self.context)
         self.modules = dict(self.strategy.trainable())
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
@@ -231,7 +232,8 @@ class Engine:
             group["lr"] = t.lr * group.get("lr_scale", 1.0) * self.scheduler(step, t.steps)
         scheduled = apply_schedules(self.context.losses, self.weights, step, t.steps)
         self.context.step, self.context.total_steps = step, t.steps
-        batches = [self.micro_batch(step * t.grad_accum + j) for j in range(t.grad_accum)]
+        indices = [step * t.grad_accum + j for j in range(t.grad_accum)]
+        batches = [self.strategy.prepare_batch(self.micro_batch(i), i) for i in indices]
         counted, inputs = (int(x) for x in backend.all_sum([sum(int(b.mask.sum()) for b in batches),
                                                             sum(b.input_ids.numel() for b in batches)]))
         self.context.total_tokens = max(counted, 1)
@@ -248,8 +250,9 @@ class Engine:
             for name, value in parts.items():
                 terms[f"train/{name}"] = terms.get(f"train/{name}", 0.0) + value.item() / self.context.total_tokens
         names = sorted(terms)
-        summed = backend.all_sum([total] + [terms[n] for n in names])
-        total, terms = summed[0], dict(zip(names, summed[1:]))
+        counts = self.strategy.step_metrics()  # summed over processes, like the terms
+        summed = backend.all_sum([total] + [terms[n] for n in names] + list(counts.values()))
+        total, terms = summed[0], dict(zip(names + list(counts), summed[1:]))
         metrics = {"train/loss": total, "train/lr": self.optimizer.param_groups[0]["lr"], **terms, **scheduled,
                    "_tokens": counted, "_inputs": inputs}
         grad_norm = backend.clip_gradients(self.optimizer, t.grad_clip)

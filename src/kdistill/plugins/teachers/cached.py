@@ -50,6 +50,7 @@ class CachedTeacher(kdistill.TeacherProvider):
 
     name = "cached"
     runs_forward = False  # the engine counts no teacher FLOPs per step
+    scores_new_text = False  # it holds targets for the data's own text only
 
     class Options(kdistill.ConstantTemperatureOptions):  # the temperature the log-probabilities are computed at
         path: str = Field(description="the cache folder")
