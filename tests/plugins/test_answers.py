@@ -107,6 +107,27 @@ def test_perplexity_on_teacher_answers_matches_an_independent_float64_reference(
     assert metrics["answers_ppl_on_teacher"] > metrics["teacher_answers_ppl"]  # a random student is worse
 
 
+def test_reverse_kl_on_the_students_own_answers_matches_a_float64_reference(models, tmp_path):
+    tokenizer, teacher, student = models
+    metrics = evaluator(questions_file(tmp_path), count=3).evaluate(context(models, "during"))
+    total, count = 0.0, 0
+    for question in QUESTIONS[:3]:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True, add_generation_prompt=True)
+        prompt = prompt["input_ids"] if "input_ids" in prompt else prompt
+        answer = greedy(student, prompt, 6, [tokenizer.eos_token_id])  # the student's own answer, stop token included
+        seq = torch.tensor([list(prompt) + answer])
+        with torch.no_grad():
+            log_ps = torch.log_softmax(student(seq).logits[0].double(), -1)
+            log_pt = torch.log_softmax(teacher(seq).logits[0].double(), -1)
+        for j in range(len(answer)):
+            at = len(prompt) - 1 + j
+            total += sum(math.exp(a) * (a - b) for a, b in zip(log_ps[at].tolist(), log_pt[at].tolist()))
+        count += len(answer)
+    assert metrics["answers_reverse_kl"] == pytest.approx(total / count, rel=1e-6)
+    twin = evaluator(questions_file(tmp_path), count=3).evaluate(context(models, "during", student=copy.deepcopy(teacher)))
+    assert twin["answers_reverse_kl"] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_student_identical_to_teacher_agrees_fully(models, tmp_path):
     tokenizer, teacher, _ = models
     path = questions_file(tmp_path)
@@ -160,7 +181,8 @@ def test_without_teacher_or_references_only_what_can_be_measured(models, tmp_pat
     path = questions_file(tmp_path)
     assert set(evaluator(path).evaluate(context(models, "during", teacher=False))) == {"answers_em", "answers_f1", "answers_contains"}
     metrics = evaluator(path, answer=None).evaluate(context(models, "during"))
-    assert set(metrics) == {"answers_teacher_em", "answers_teacher_f1", "answers_ppl_on_teacher", "teacher_answers_ppl"}
+    assert set(metrics) == {"answers_teacher_em", "answers_teacher_f1", "answers_ppl_on_teacher", "answers_reverse_kl",
+                            "teacher_answers_ppl"}
     assert evaluator(path, phases=["final"]).evaluate(context(models, "during")) == {}
 
 

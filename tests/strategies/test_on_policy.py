@@ -200,3 +200,30 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tiny_assets, tmp_path):
         engine_for(raw).build()
     assert str(err.value).startswith("strategy: the tokenizer (") and str(err.value).endswith(
         ") has no chat template; use a chat model's tokenizer or set chat_template: false")
+
+
+def test_lmbda_zero_is_the_offline_strategy_bit_for_bit(tiny_assets, chat_teacher, tmp_path):
+    raw = on_policy_recipe(tiny_assets, chat_teacher, tmp_path, lmbda=0.0)
+    kdistill.run(raw)
+    offline = json.loads(json.dumps(raw))
+    offline["strategy"], offline["output_dir"] = {"name": "offline"}, str(tmp_path / "offline")
+    kdistill.run(offline)
+    a = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "offline" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_loss_on_the_students_answers_against_a_float64_reference(tiny_assets, chat_teacher, tmp_path):
+    engine = engine_for(on_policy_recipe(tiny_assets, chat_teacher, tmp_path))
+    engine.build()
+    made = engine.strategy.prepare_batch(engine.data.train_batch(1, 3), 1)
+    total, terms = engine.strategy.loss(made)
+    with torch.no_grad():
+        s = engine.student(input_ids=made.input_ids, attention_mask=made.attention_mask).logits.double()
+        t = engine.teacher.model(input_ids=made.input_ids, attention_mask=made.attention_mask).logits.double()
+    expected = 0.0
+    for row, position in (made.labels != IGNORE_INDEX).nonzero().tolist():  # JSD, beta 0.5, T = 1, summed
+        ps, pt = torch.softmax(s[row, position], -1), torch.softmax(t[row, position], -1)
+        m = 0.5 * ps + 0.5 * pt
+        expected += float(0.5 * (pt * (pt / m).log()).sum() + 0.5 * (ps * (ps / m).log()).sum())
+    assert total.item() == pytest.approx(expected, rel=1e-4)

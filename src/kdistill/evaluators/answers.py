@@ -94,34 +94,60 @@ def mean_scores(answers: list[str], references: list[list[str]]) -> dict[str, fl
 # --------------------------------------------------------------------------- perplexity
 
 
+def answer_batches(prompts: list[list[int]], answers: list[list[int]], batch_size: int, pad: int, device):
+    """Batches of `prompt + answer` rows (right padding) in which only the answers' tokens count."""
+    for start in range(0, len(prompts), batch_size):
+        rows = [(p, a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size]) if a]
+        if not rows:
+            continue
+        width = max(len(p) + len(a) for p, a in rows) - 1
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), kdistill.IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (p, a) in enumerate(rows):  # logits[:, t] predicts labels[:, t]
+            seq = list(p) + list(a)
+            ids[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+            mask[i, :len(seq) - 1] = 1
+            labels[i, len(p) - 1:len(seq) - 1] = torch.tensor(list(a))
+        yield kdistill.Batch(ids, labels, mask).to(device)
+
+
 def answer_nll(model, prompts: list[list[int]], answers: list[list[int]], batch_size: int, pad: int) -> tuple[float, int]:
     """Summed negative log-likelihood (float64) of the answer tokens given their prompts, and their count:
     each row is `prompt + answer`, only the answer's tokens count."""
     total, count = 0.0, 0
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            rows = [(p, a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size]) if a]
-            if not rows:
-                continue
-            width = max(len(p) + len(a) for p, a in rows) - 1
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            labels = torch.full((len(rows), width), kdistill.IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, (p, a) in enumerate(rows):  # right padding; logits[:, t] predicts labels[:, t]
-                seq = list(p) + list(a)
-                ids[i, :len(seq) - 1] = torch.tensor(seq[:-1])
-                mask[i, :len(seq) - 1] = 1
-                labels[i, len(p) - 1:len(seq) - 1] = torch.tensor(list(a))
-            batch = kdistill.Batch(ids, labels, mask).to(device)
+        for batch in answer_batches(prompts, answers, batch_size, pad, next(model.parameters()).device):
             logits = model(**batch.model_inputs(model_dtype(model)), use_cache=False).logits
             counted = batch.mask
             logprobs = torch.log_softmax(logits[counted].double(), dim=-1)
             total -= logprobs.gather(-1, batch.labels[counted][:, None]).sum().item()
             count += int(counted.sum())
     model.train(was_training)
+    return total, count
+
+
+def answer_reverse_kl(student, teacher, prompts: list[list[int]], answers: list[list[int]], batch_size: int,
+                      pad: int) -> tuple[float, int]:
+    """Summed KL(student || teacher) (float64, full vocabulary) at every token of the student's own answers,
+    and their count: how far the student's distribution is from the teacher's where its own answers go."""
+    total, count = 0.0, 0
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    with torch.no_grad():
+        for batch in answer_batches(prompts, answers, batch_size, pad, next(student.parameters()).device):
+            counted = batch.mask
+            log_ps = torch.log_softmax(student(**batch.model_inputs(model_dtype(student)), use_cache=False).logits[counted].double(), -1)
+            t_batch = batch.to(next(teacher.parameters()).device)
+            t_logits = teacher(**t_batch.model_inputs(model_dtype(teacher)), use_cache=False).logits[t_batch.mask]
+            log_pt = torch.log_softmax(t_logits.double().to(log_ps.device)[:, :log_ps.shape[-1]], -1)
+            total += (log_ps.exp() * (log_ps - log_pt)).sum().item()
+            count += int(counted.sum())
+    student.train(modes[0])
+    teacher.train(modes[1])
     return total, count
 
 
@@ -142,7 +168,7 @@ class Answers(kdistill.Evaluator):
 
     name = "answers"
     provides = ("answers_em", "answers_f1", "answers_contains", "answers_teacher_em", "answers_teacher_f1",
-                "answers_ppl_on_teacher", "teacher_answers_em", "teacher_answers_f1", "teacher_answers_contains",
+                "answers_ppl_on_teacher", "answers_reverse_kl", "teacher_answers_em", "teacher_answers_f1", "teacher_answers_contains",
                 "teacher_answers_ppl")
     needs_validation = False  # it reads its own table of questions
 
@@ -239,7 +265,7 @@ class Answers(kdistill.Evaluator):
         metrics = {"teacher_answers_ppl": perplexity(total, count)}
         if references is not None:
             metrics.update({f"teacher_answers_{k}": v for k, v in mean_scores(texts, references).items()})
-        self._teacher_result = {"texts": texts, "student_ids": student_ids, "metrics": metrics}
+        self._teacher_result = {"texts": texts, "student_ids": student_ids, "metrics": metrics, "same_vocabulary": same_vocabulary}
         return self._teacher_result
 
     # ----------------------------------------------------------------- evaluate
@@ -270,6 +296,11 @@ class Answers(kdistill.Evaluator):
             metrics["answers_teacher_f1"] = sum(p["f1"] for p in pairs) / len(pairs)
             total, count = answer_nll(context.student, prompts, teacher["student_ids"], self.options.batch_size, self._pad(tokenizer))
             metrics["answers_ppl_on_teacher"] = perplexity(total, count)
+            if teacher["same_vocabulary"]:  # per token of the student's own answers
+                own = [self._scored_ids(a, tokenizer) for a in ids]
+                total, count = answer_reverse_kl(context.student, context.teacher.model, prompts, own,
+                                                 self.options.batch_size, self._pad(tokenizer))
+                metrics["answers_reverse_kl"] = total / count if count else float("nan")
             metrics.update(teacher["metrics"])
         if context.phase == "during":
             return metrics  # the curve over training; the table is written before and after
