@@ -41,7 +41,8 @@ def assets(tiny_assets, tmp_path_factory):
     tokenizer.save_pretrained(teacher)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
-    return {"teacher": str(teacher), "prompts": str(prompts), "corpus": tiny_assets["corpus"]}
+    return {"teacher": str(teacher), "prompts": str(prompts), "corpus": tiny_assets["corpus"],
+            "plain_teacher": tiny_assets["teacher"]}
 
 
 def recipe(assets, tmp_path: Path, output: Path, data: dict | None = None, teacher: dict | None = None,
@@ -213,3 +214,190 @@ def test_top_k_bad_input_is_one_line(assets, written, tmp_path):
     assert stderr.strip() == (f"error: generator.options.output: {out} holds answers of something else: top_k (folder None, "
                               "now {'k': 8, 'temperature': 1.0, 'encoding': 'kdistill-top-k/1'}); pass --overwrite to "
                               "replace them")
+
+
+# ------------------------------------------------------------------------------------------------ the data source
+
+
+def conversations(folder: Path, tokenizer, **options):
+    from kdistill.plugins.data.conversations import Conversations
+
+    data = Conversations(Conversations.Options(paths=[str(folder)], **{"val_fraction": 0, "seq_len": 64, **options}))
+    data.setup(tokenizer, seed=0)
+    return data
+
+
+@pytest.mark.parametrize("layout", ["pack", "pad"])
+def test_the_answers_token_ids_are_taken_as_they_are_and_only_they_count(assets, written, layout):
+    from transformers import AutoTokenizer
+
+    from kdistill import IGNORE_INDEX
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["teacher"])
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    stored = rows(written["with_k"])
+    # decoding and re-encoding does not give the teacher's tokens back (why completion_ids are kept)
+    assert any(tokenizer(r["completion"], add_special_tokens=False)["input_ids"] != r["completion_ids"][:r["completion_tokens"]]
+               for r in stored)
+    data = conversations(written["with_k"], tokenizer, layout=layout)
+    everything = conversations(written["with_k"], tokenizer, layout=layout, loss_on="all")
+    keys = data.train_keys()
+    batch, spans, labels_all = data.batch_for_keys(keys), data.answer_spans(keys), everything.batch_for_keys(keys).labels
+    assert spans == everything.answer_spans(keys)
+    seen = []
+    for unit, unit_spans in enumerate(spans):
+        counted = torch.zeros(batch.labels.shape[1], dtype=torch.bool)
+        for row, at, n in unit_spans:
+            ids = stored[row]["completion_ids"]
+            assert n == len(ids) and batch.labels[unit, at:at + n].tolist() == ids  # every id, exactly, in place
+            assert batch.input_ids[unit, at + 1:at + 1 + n].tolist() == ids
+            # before them the prompt in the chat template; after them the template's "\n" (and its <eos> before it
+            # when the answer ran to max_new_tokens), rendered but not counted
+            start = at - int(batch.position_ids[unit, at]) if layout == "pack" else 0
+            head = tokenizer.apply_chat_template([{"role": "user", "content": stored[row]["prompt"]}], tokenize=False,
+                                                 add_generation_prompt=True)
+            assert batch.input_ids[unit, start:at + 1].tolist() == tokenizer(head, add_special_tokens=False)["input_ids"]
+            after = ([] if ids[-1] == EOS else [EOS]) + newline
+            assert labels_all[unit, at + n:at + n + len(after)].tolist() == after
+            assert (batch.labels[unit, at + n:at + n + len(after)] == IGNORE_INDEX).all()
+            end = at + n + len(after)
+            assert end == batch.labels.shape[1] or not batch.attention_mask[unit, end] or (
+                layout == "pack" and int(batch.position_ids[unit, end]) == 0)
+            counted[at:at + n] = True
+            seen.append(row)
+        assert torch.equal(batch.labels[unit] != IGNORE_INDEX, counted)  # nothing else counts
+    assert sorted(seen) == list(range(len(stored)))
+
+
+# ------------------------------------------------------------------------------------------------ the teacher
+
+STUDENT = {"model_type": "llama", "vocab_size": 258, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256, "tie_word_embeddings": False}
+
+
+def training(assets, tmp_path: Path, folder: Path, teacher: dict | None = None, data: dict | None = None,
+             losses: list | None = None, generator: dict | None = None, name: str = "run") -> dict:
+    """A recipe that trains a small student from config on the answers in `folder` with the answers-top-k teacher."""
+    raw = tiny_recipe({"teacher": assets["teacher"], "corpus": assets["corpus"]}, tmp_path / name, steps=2)
+    raw["student"] = {"config": STUDENT, "tokenizer": assets["teacher"]}
+    raw["teacher"] = {"name": "answers-top-k", "options": {"source": {"model": assets["teacher"]}, **(teacher or {})}}
+    raw["data"] = {"name": "conversations", "options": {"paths": [str(folder)], "seq_len": 64, "val_fraction": 0.2,
+                                                        **(data or {})}}
+    raw["losses"] = losses or [{"name": "forward-kl", "weight": 0.5, "options": {"temperature": 1.0}},
+                               {"name": "cross-entropy", "weight": 0.5}]
+    raw["evaluators"] = []
+    raw["train"]["batch_size"] = 3
+    if generator is not None:
+        raw["generator"] = {"name": "teacher-answers", "options": {
+            "prompts": [assets["prompts"]], "output": str(folder), "max_new_tokens": 8, "batch_size": 3, "shard_prompts": 4,
+            **generator}}
+    return raw
+
+
+def run_cli(raw: dict, tmp_path: Path, *args) -> tuple[int, str, str]:
+    path = tmp_path / f"train-{len(list(tmp_path.glob('train-*')))}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return cli("run", path, *args)
+
+
+@pytest.mark.parametrize("layout", ["pack", "pad"])
+def test_a_steps_kd_loss_from_stored_top_k_is_the_cached_teachers(assets, written, tmp_path, layout):
+    """The same batches, the same student: forward KL to the targets stored while the teacher wrote its answers
+    equals forward KL to a teacher cache written by running the teacher over the rows (`cached`'s store)."""
+    from conftest import engine_for
+    from kdistill import ModelOutputs, Needs, SparseTargets
+    from kdistill.plugins.teachers.cache_store import TeacherCache, write_cache
+    from kdistill.plugins.teachers.hf import HFTeacher
+
+    engine = engine_for(training(assets, tmp_path, written["with_k"], data={"layout": layout}))
+    engine.build()
+    assert engine.teacher.model is None and engine.flops_per_token == 6 * sum(p.numel() for p in engine.student.parameters())
+    live = HFTeacher(HFTeacher.Options(model=assets["teacher"]))
+    live.load(torch.device("cpu"))
+    write_cache(live, engine.data, tmp_path / "cache", k=8, temperature=1.0, shard_sequences=4, batch_size=4,
+                device=torch.device("cpu"), teacher_identity={}, progress=False)
+    cache = TeacherCache(tmp_path / "cache")
+
+    def cached(batch, needs) -> ModelOutputs:
+        t, width = cache.lookup(batch.keys), batch.input_ids.shape[1]  # cached rows are seq_len wide
+        return ModelOutputs(sparse=SparseTargets(t.ids[:, :width], t.logprobs[:, :width], t.log_tail[:, :width], t.temperature))
+
+    step = engine.strategy.step
+    stored_outputs = step.teacher_outputs
+    for index in range(3):
+        batch = engine.data.train_batch(index, 3)
+        _, terms = engine.strategy.loss(batch)
+        step.teacher_outputs = cached
+        _, reference = engine.strategy.loss(batch)
+        step.teacher_outputs = stored_outputs
+        mask, stored, other = batch.mask, stored_outputs(batch, Needs()).sparse, cached(batch, Needs()).sparse
+        assert int(mask.sum()) > 0
+        # at every counted position the same 8 tokens with the same log-probabilities (written from logits of a
+        # KV-cached generate, here from a forward over the packed or padded row: equal to float rounding)
+        order, other_order = stored.logprobs[mask].argsort(-1), other.logprobs[mask].argsort(-1)
+        assert torch.equal(stored.ids[mask].gather(1, order), other.ids[mask].gather(1, other_order))
+        assert torch.allclose(stored.logprobs[mask], other.logprobs[mask], atol=1e-6)
+        assert torch.allclose(terms["forward-kl"], reference["forward-kl"], rtol=1e-5)
+        assert torch.equal(terms["cross-entropy"], reference["cross-entropy"])
+
+
+def test_run_writes_the_answers_with_the_source_then_trains_without_a_teacher_forward(assets, tmp_path):
+    folder = tmp_path / "answers"
+    raw = training(assets, tmp_path, folder, teacher={"load_source": True}, generator={"top_k": 8})
+    code, _, stderr = run_cli(raw, tmp_path)
+    assert code == 0, stderr
+    assert "the teacher is writing answers to 10 prompts first" in stderr
+    assert json.loads((folder / "generation.json").read_text())["top_k"]["k"] == 8
+    before = shards(folder)
+    raw["teacher"]["options"]["load_source"] = False  # the answers are complete: no teacher weights at all
+    code, _, stderr = run_cli(raw, tmp_path, "--overwrite")
+    assert code == 0, stderr
+    assert "writing answers" not in stderr and shards(folder) == before
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"train/forward-kl"') == 2  # 2 steps
+
+
+def test_bad_input_is_one_line(assets, written, tmp_path):
+    with_k, without = written["with_k"], written["without"]
+
+    def refused(raw) -> str:
+        code, _, stderr = run_cli(raw, tmp_path)
+        assert code == 2, stderr
+        return stderr.strip()
+
+    raw = training(assets, tmp_path, with_k)
+    raw["data"] = {"name": "text-files", "options": {"paths": [assets["corpus"]], "seq_len": 32}}
+    assert refused(raw) == ("error: data: the answers-top-k teacher reads the answers' stored top-k through the "
+                            "conversations data source, not 'text-files'")
+    assert refused(training(assets, tmp_path, without)) == (
+        f"error: data.options.paths: {without} holds answers without the teacher's top-k log-probabilities; write them "
+        "with generator.options.top_k (kdistill generate RECIPE --overwrite)")
+    table = tmp_path / "qa.jsonl"
+    table.write_text("".join(json.dumps({"prompt": q, "completion": "the king"}) + "\n" for q in QUESTIONS))
+    assert refused(training(assets, tmp_path, table)) == (
+        "error: data.options.paths: the answers-top-k teacher needs one folder written by kdistill generate with "
+        f"generator.options.top_k, not {table}")
+    assert refused(training(assets, tmp_path, with_k, data={"loss_on": "all"})) == (
+        "error: data.options.loss_on: 'all' counts the prompts' tokens too, and only the tokens the teacher generated "
+        "have stored top-k; the answers-top-k teacher needs loss_on: completion")
+    assert refused(training(assets, tmp_path, with_k, data={"chat_template": False})) == (
+        "error: data.options.chat_template: the stored top-k are the teacher's in its chat template; the answers-top-k "
+        "teacher needs chat_template: true")
+    assert refused(training(assets, tmp_path, with_k, data={"streaming": True, "max_val_examples": 2})) == (
+        "error: data.options.streaming: the answers-top-k teacher finds a batch's answers by its keys, which a streamed "
+        "source does not give; use streaming: false")
+    hot = [{"name": "forward-kl", "options": {"temperature": 2.0}}]
+    assert refused(training(assets, tmp_path, with_k, losses=hot)) == (
+        "error: losses: 'forward-kl' uses temperature 2.0 but the stored top-k are at 1.0 "
+        "(generator.options.top_k_temperature)")
+    assert refused(training(assets, tmp_path, with_k, losses=[{"name": "tvd"}])) == (
+        "error: losses: 'tvd' is not defined on top-k targets; with the answers-top-k teacher use forward-kl, "
+        "reverse-kl, jsd or skew-kl")
+    raw = training(assets, tmp_path, with_k, generator={"top_k": 8})
+    del raw["teacher"]["options"]["source"]
+    assert refused(raw) == (
+        "error: teacher.options.source: the generator's answers are the live teacher's; teacher 'answers-top-k' runs "
+        "none, so name it there ({model: ...}, as for the hf teacher)")
+    other = assets["plain_teacher"]  # the tiny teacher before its <eos> row was changed
+    raw = training(assets, tmp_path, with_k, teacher={"source": {"model": other}})
+    assert refused(raw) == (f"error: teacher.options.source.model: the teacher at {other} has other weights than the one "
+                            f"that wrote the answers in {with_k}")

@@ -25,23 +25,25 @@ from pydantic import Field
 
 import kdistill
 from kdistill import IGNORE_INDEX, ConfigError
-from kdistill.toolkit import ROLES, check_chat_template, read_table
+from kdistill.toolkit import ROLES, check_chat_template, read_table, stop_ids
 
 log = logging.getLogger("kdistill")
 
 FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "messages": ("messages",)}
+IDS = "completion_ids"  # a folder written by `kdistill generate` with top_k: the answer's exact token ids
 BUCKET_BATCHES = 32  # padded layout: examples are sorted by length within windows of this many batches
 RENDER_ROWS = 256  # streaming: rows tokenized together
 SEEN_AHEAD = 16  # streaming: training examples read at setup (at least 2 must exist; they go into the fingerprint)
 
 
 class Example:
-    """One rendered example: token ids and which of them count toward the loss."""
+    """One rendered example: token ids, which of them count toward the loss, and where completion_ids sit in
+    them (start, length), when they were taken as they are."""
 
-    __slots__ = ("ids", "counts", "row")
+    __slots__ = ("ids", "counts", "row", "answer")
 
-    def __init__(self, ids: list[int], counts: list[bool], row: int):
-        self.ids, self.counts, self.row = ids, counts, row
+    def __init__(self, ids: list[int], counts: list[bool], row: int, answer: tuple[int, int] | None = None):
+        self.ids, self.counts, self.row, self.answer = ids, counts, row, answer
 
 
 class Conversations(kdistill.DataSource):
@@ -148,8 +150,9 @@ class Conversations(kdistill.DataSource):
             raise ConfigError(f"data: {self._where()} row {row}: {field} has no assistant turn to learn")
         return messages
 
-    def _segments(self, tokenizer, fmt: str, row: int, values: dict[str, Any]) -> list[tuple[str, bool]]:
-        """The example as pieces of text, each marked whether it counts toward the loss."""
+    def _segments(self, tokenizer, fmt: str, row: int, values: dict[str, Any]) -> list[tuple[str | list[int], bool]]:
+        """The example as pieces of text (or token ids: an answer's completion_ids), each marked whether it counts
+        toward the loss."""
         o, all_count = self.options, self.options.loss_on == "all"
         eos = tokenizer.eos_token or ""
         if fmt == "text":
@@ -161,6 +164,8 @@ class Conversations(kdistill.DataSource):
             if not o.chat_template:
                 return [(prompt, all_count), (completion + eos, True)]
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            if IDS in values:
+                return self._exact_answer(tokenizer, row, messages, values[IDS])
         else:
             messages = self._messages(row, "messages", values["messages"])
         pieces: list[tuple[str, bool]] = []
@@ -175,6 +180,29 @@ class Conversations(kdistill.DataSource):
             done = rendered
         return [(text, counts) for text, counts in pieces if text]
 
+    def _exact_answer(self, tokenizer, row: int, messages: list[dict[str, str]], ids: Any) -> list[tuple[str | list[int], bool]]:
+        """The prompt in the template, the answer as the teacher's own token ids (no decode and re-encode, so
+        teacher targets stored per generated token line up), and the template's text after the answer, less
+        the stop token that ended it (already among the ids). That text is rendered but does not count: the
+        teacher never said it, and no stored target exists for it."""
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+            raise ConfigError(f"data: {self._where()} row {row}: {IDS} is not a non-empty list of token ids")
+        head = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        after = self._after(head, tokenizer.apply_chat_template(messages, tokenize=False), row)
+        completion = messages[1]["content"]
+        if not after.startswith(completion):  # a template that trims the answer
+            at = after.find(completion.strip())
+            if at < 0:
+                raise ConfigError(f"data: {self._where()} row {row}: the tokenizer's chat template does not render the "
+                                  f"completion as it is, so its {IDS} cannot be placed in it")
+            completion = after[:at] + completion.strip()
+        tail = after[len(completion):]
+        stop = tokenizer.decode([ids[-1]]) if ids[-1] in stop_ids(tokenizer) else ""
+        if stop and tail.startswith(stop):
+            tail = tail[len(stop):]
+        all_count = self.options.loss_on == "all"
+        return [(text, counts) for text, counts in ((head, all_count), (ids, True), (tail, all_count)) if len(text)]
+
     def _after(self, done: str, rendered: str, row: int) -> str:
         if not rendered.startswith(done):
             raise ConfigError(f"data: {self._where()} row {row}: the tokenizer's chat template renders a conversation's "
@@ -184,20 +212,26 @@ class Conversations(kdistill.DataSource):
 
     def _render(self, tokenizer, records: Iterable[tuple[int, dict[str, Any]]], fmt: str, columns: dict[str, str]) -> list[Example]:
         """(row number, row) pairs as examples, tokenized together."""
-        pieces: list[tuple[int, list[tuple[str, bool]]]] = []
+        pieces: list[tuple[int, list[tuple[str | list[int], bool]]]] = []
         for row, record in records:
-            pieces.append((row, self._segments(tokenizer, fmt, row, {f: record[c] for f, c in columns.items()})))
-        flat = [text for _, segments in pieces for text, _ in segments]
-        encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-        examples, at = [], 0
+            values = {f: record[c] for f, c in columns.items()}
+            if fmt == "prompt-completion" and IDS in record:
+                values[IDS] = record[IDS]
+            pieces.append((row, self._segments(tokenizer, fmt, row, values)))
+        flat = [text for _, segments in pieces for text, _ in segments if isinstance(text, str)]
+        encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        examples = []
         for row, segments in pieces:
             ids: list[int] = []
             counts: list[bool] = []
-            for _, count in segments:
-                ids += encoded[at]
-                counts += [count] * len(encoded[at])
-                at += 1
-            examples.append(Example(ids, counts, row))
+            answer = None
+            for text, count in segments:
+                if not isinstance(text, str):  # completion_ids, taken as they are
+                    answer = (len(ids), len(text))
+                piece = next(encoded) if isinstance(text, str) else text
+                ids += piece
+                counts += [count] * len(piece)
+            examples.append(Example(ids, counts, row, answer))
         return examples
 
     def _fit(self, examples: list[Example]) -> list[Example]:
@@ -213,7 +247,7 @@ class Conversations(kdistill.DataSource):
                 if o.too_long == "drop":
                     dropped += 1
                     continue
-                ex = Example(ex.ids[:limit], ex.counts[:limit], ex.row)
+                ex = Example(ex.ids[:limit], ex.counts[:limit], ex.row, ex.answer)
                 cut += 1
             if not any(ex.counts[1:]):  # nothing left to learn (a completion cut away entirely)
                 empty += 1
@@ -293,11 +327,13 @@ class Conversations(kdistill.DataSource):
         self._tokenizer, self._seed = tokenizer, seed
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._fitted = dict.fromkeys(("examples", "cut", "dropped", "empty"), 0)
+        self._columns: dict[str, str] | None = None
         if o.streaming:
             self._setup_stream()
             return
         table = read_table(o.paths, "data.options.paths", o.split)
         self.format, self._columns = self._format(list(table.column_names))
+        table = table.select_columns(self._used(list(table.column_names)))
         self._check_template()
         if o.first >= len(table):
             raise ConfigError(f"data.options.first: {o.first} skips every row of {self._where()} ({len(table)} rows)")
@@ -322,6 +358,11 @@ class Conversations(kdistill.DataSource):
         counted = sum(sum(ex.counts[1:]) for ex in train)
         log.info("data: %s as %s, %d training examples in %d rows (%d tokens, %d counted), %d validation examples",
                  os.path.basename(self._where()), self.format, len(train), self._n_train, tokens, counted, len(val))
+
+    def _used(self, present: list[str]) -> list[str]:
+        """The columns read: the format's, and completion_ids where prompt + completion rows have them."""
+        extra = [IDS] if self.format == "prompt-completion" and IDS in present else []
+        return list(dict.fromkeys(list((self._columns or {}).values()) + extra))
 
     def _check_template(self) -> None:
         if self.format == "messages" or (self.format == "prompt-completion" and self.options.chat_template):
@@ -388,6 +429,26 @@ class Conversations(kdistill.DataSource):
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def answer_spans(self, keys: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+        """For each training unit in `keys` (a batch's `Batch.keys`), where its examples' completion_ids sit:
+        (table row, position, n) means labels[position + j] is that row's completion_ids[j] for j < n (n is
+        less than their length when the example was cut at seq_len). Only examples whose completion_ids were
+        taken as they are (prompt + completion in the chat template, from a folder `kdistill generate` wrote
+        with top_k) have a span; what a teacher stored per generated token goes at these positions."""
+        self.train_keys()
+        spans: list[list[tuple[int, int, int]]] = []
+        for unit in keys.long().tolist():
+            at, found = 0, []
+            for ex in self._units[unit]:
+                if ex.answer is not None:
+                    start, length = ex.answer
+                    n = min(length, len(ex.ids) - start)
+                    if n > 0:
+                        found.append((ex.row, at + start - 1, n))
+                at += len(ex.ids) - 1
+            spans.append(found)
+        return spans
+
     # ------------------------------------------------------------------ streaming
 
     def _held_out(self, row: int) -> bool:
@@ -403,6 +464,8 @@ class Conversations(kdistill.DataSource):
         o = self.options
         stop = None if o.max_examples is None else o.first + o.max_examples
         table = read_table(o.paths, "data.options.paths", o.split, streaming=True)
+        if self._columns is not None and table.column_names:  # known once the first row was read
+            table = table.select_columns(self._used(table.column_names))
         for row, record in enumerate(table.skip(o.first) if o.first else table, start=o.first):
             if stop is not None and row >= stop:
                 return

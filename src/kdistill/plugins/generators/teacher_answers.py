@@ -294,13 +294,21 @@ def _prompt(value: Any, row: int) -> str | list[dict[str, str]]:
 
 
 def teacher_identity(teacher: kdistill.TeacherProvider) -> dict[str, Any]:
-    """The teacher the answers come from: its model's path and a digest of its weights (the digest decides)."""
-    options = teacher.options.model_dump(mode="json", exclude={"trust_remote_code"})
+    """The teacher the answers come from: its model's path and a digest of its weights (the digest decides). A
+    provider that runs no forward (it serves targets stored ahead of time: cached, answers-top-k) writes with the
+    live teacher it names as its `source` (hf options), so that one is meant."""
+    provider, settings, field = teacher.name, teacher.options, "teacher.options.model"
+    if not getattr(teacher, "runs_forward", True):
+        settings = getattr(teacher.options, "source", None)
+        if settings is None:
+            raise ConfigError(f"teacher.options.source: the generator's answers are the live teacher's; teacher "
+                              f"'{teacher.name}' runs none, so name it there ({{model: ...}}, as for the hf teacher)")
+        provider, field = "hf", "teacher.options.source.model"
+    options = settings.model_dump(mode="json", exclude={"trust_remote_code"})
     model = options.get("model")
     if isinstance(model, str):
-        options["weights"] = weights_digest(resolve_path(model, "teacher.options.model"), options.get("gguf_file"),
-                                            "teacher.options.model")
-    return {"provider": teacher.name, **options}
+        options["weights"] = weights_digest(resolve_path(model, field), options.get("gguf_file"), field)
+    return {"provider": provider, **options}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
