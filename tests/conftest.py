@@ -142,3 +142,30 @@ def nan_at(engine, call):
         engine.strategy.loss = loss
     engine.build = poisoned
     return engine
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT_QA = [("who is the king", "the lord of the house"), ("what is war", "no peace"), ("speak of love", "love is good"),
+           ("where do we go", "to the house of the queen"), ("when will we rest", "at night"),
+           ("dream of what", "of peace and day")]
+
+
+def chat_assets(assets, folder: Path) -> tuple[Path, dict]:
+    """The tiny teacher with a chat template (<eos> ends a turn), and a conversations data section of
+    prompt + completion rows, one per row (layout pad)."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    teacher = folder / "chat-teacher"
+    if not teacher.exists():
+        shutil.copytree(assets["teacher"], teacher)
+        tok = AutoTokenizer.from_pretrained(teacher)
+        tok.chat_template = CHAT_TEMPLATE
+        tok.save_pretrained(teacher)
+    path = folder / "qa.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{q} {i}", "completion": a}) + "\n" for i in range(4) for q, a in CHAT_QA))
+    return teacher, {"name": "conversations", "options": {"paths": [str(path)], "seq_len": 64, "layout": "pad",
+                                                          "val_fraction": 0.1}}

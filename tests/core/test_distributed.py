@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cut_after, tiny_recipe, write_recipe
+from conftest import chat_assets, cut_after, tiny_recipe, write_recipe
 from kdistill.core.config import TrainSpec
 from kdistill.core.distributed import fill_auto, teacher_config
 from kdistill.core.errors import ConfigError
@@ -180,3 +180,28 @@ def test_the_deepspeed_config_may_be_a_json_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match=r"^distributed.config: .*ds.json is not JSON: "):
         read_config(str(path))
+
+
+@needs_deepspeed
+@pytest.mark.multiprocess
+def test_on_policy_with_a_zero3_student_samples_what_one_process_samples(tiny_assets, tmp_path):
+    """Greedy answers of the same initial student: the first step's sampled tokens, summed over the two ranks
+    of a ZeRO-3 run (each answering its own rows, parameters gathered during generation), equal one process's."""
+    teacher, data = chat_assets(tiny_assets, tmp_path)
+    metrics = {}
+    for name, procs in (("one", 1), ("two", 2)):
+        raw = recipe({**tiny_assets, "teacher": str(teacher)}, tmp_path / name, batch_size=4 // procs, steps=2, save_every=0)
+        raw["data"] = data
+        raw["strategy"] = {"name": "on-policy", "options": {"temperature": 0.0, "max_new_tokens": 5}}
+        raw["losses"] = [{"name": "reverse-kl"}]
+        if procs == 2:
+            raw["distributed"] = {"backend": "deepspeed", "config": {"zero_optimization": {"stage": 3}}, "teacher": "zero3"}
+            torchrun(write_recipe(tmp_path / f"{name}.yaml", raw))
+        else:
+            subprocess.run([sys.executable, "-m", "kdistill.cli", "run", str(write_recipe(tmp_path / f"{name}.yaml", raw))],
+                           check=True, capture_output=True, env=ENV, timeout=600)
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        metrics[name] = next(r["metrics"] for r in records if r.get("step") == 1 and "metrics" in r)
+    assert metrics["two"]["on_policy/sampled_answers"] == metrics["one"]["on_policy/sampled_answers"] == 4
+    assert metrics["two"]["on_policy/sampled_tokens"] == metrics["one"]["on_policy/sampled_tokens"]
+    assert abs(metrics["two"]["train/loss"] - metrics["one"]["train/loss"]) < 1e-4

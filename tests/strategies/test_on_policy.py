@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import kdistill
-from conftest import cut_after, engine_for, tiny_recipe
+from conftest import chat_assets, cut_after, engine_for, tiny_recipe
 from kdistill import IGNORE_INDEX, ConfigError, KdistillError
 from kdistill.plugins.losses.sampled_reverse_kl import SampledReverseKL
 from kdistill.toolkit import sample_completions
-
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
-QA = [("who is the king", "the lord of the house"), ("what is war", "no peace"), ("speak of love", "love is good"),
-      ("where do we go", "to the house of the queen"), ("when will we rest", "at night"), ("dream of what", "of peace and day")]
-
 
 # --------------------------------------------------------------------------- the sampled-token loss
 
@@ -87,23 +80,13 @@ def test_sampled_reverse_kl_reads_the_sampled_token_from_top_k_targets_at_temper
 
 @pytest.fixture(scope="module")
 def chat_teacher(tiny_assets, tmp_path_factory):
-    """The tiny teacher with a chat template (its tokenizer's <eos> ends a turn)."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat") / "teacher"
-    shutil.copytree(tiny_assets["teacher"], folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(folder)
-    return folder
+    return chat_assets(tiny_assets, tmp_path_factory.mktemp("chat"))[0]
 
 
 def on_policy_recipe(tiny_assets, chat_teacher, tmp_path, **options):
-    path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"{q} {i}", "completion": a}) + "\n" for i in range(4) for q, a in QA))
+    _, data = chat_assets(tiny_assets, tmp_path)
     raw = tiny_recipe({**tiny_assets, "teacher": str(chat_teacher)}, tmp_path / "run", steps=4, save_every=2, batch_size=3)
-    raw["data"] = {"name": "conversations", "options": {"paths": [str(path)], "seq_len": 64, "layout": "pad",
-                                                        "val_fraction": 0.1}}
+    raw["data"] = data
     raw["strategy"] = {"name": "on-policy", "options": {"max_new_tokens": 6, "temperature": 1.0, **options}}
     raw["losses"] = [{"name": "jsd", "weight": 1.0, "options": {"beta": 0.5}}]
     return raw
@@ -173,7 +156,6 @@ def test_an_on_policy_run_trains_logs_its_samples_and_resumes_exactly(tiny_asset
 ])
 def test_what_on_policy_cannot_work_with_is_refused_before_anything_loads(tiny_assets, chat_teacher, tmp_path, change, message):
     raw = on_policy_recipe(tiny_assets, chat_teacher, tmp_path)
-    raw["data"]["options"]["paths"] = [str(tmp_path / "qa.jsonl")]
     change(raw)
     if raw["data"]["name"] == "text-files":
         raw["data"]["options"]["paths"] = [tiny_assets["corpus"]]

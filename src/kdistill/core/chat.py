@@ -149,9 +149,11 @@ def stop_ids(tokenizer: Any) -> list[int]:
 
 
 def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
-              top_p: float, seed: int, logits: bool) -> tuple[list[list[int]], list[int], tuple[torch.Tensor, ...]]:
+              top_p: float, seed: int, logits: bool,
+              synced_gpus: bool = False) -> tuple[list[list[int]], list[int], tuple[torch.Tensor, ...]]:
     """One batched `generate`: every row's new tokens (to max_new_tokens, padding after a stop included), the
-    stop ids, and (`logits`) the model's raw logits of every step, [len(prompts), V] each."""
+    stop ids, and (`logits`) the model's raw logits of every step, [len(prompts), V] each. `synced_gpus`: every
+    process keeps stepping until all are done (a ZeRO-3 model gathers its parameters from all of them)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
@@ -171,7 +173,8 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, m
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=stops or None, use_cache=True, **sampling, **extra)
+                             pad_token_id=pad, eos_token_id=stops or None, use_cache=True, synced_gpus=synced_gpus,
+                             **sampling, **extra)
     model.train(was_training)
     sequences = out.sequences if logits else out
     return sequences[:, width:].tolist(), stops, tuple(out.logits) if logits else ()
@@ -183,14 +186,16 @@ def _stop_at(row: list[int], stops: list[int]) -> int:
 
 
 def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, keep_stop: bool = False) -> list[list[int]]:
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, keep_stop: bool = False,
+                       synced_gpus: bool = False) -> list[list[int]]:
     """The model's answers (token ids, without the stop token unless `keep_stop`) to prompts given as token
     ids, all in one batched `generate` with a KV cache. Temperature 0 is greedy decoding; otherwise sampling
-    seeded with `seed`, so the same prompts in the same batch give the same answers."""
+    seeded with `seed`, so the same prompts in the same batch give the same answers. `synced_gpus` for a
+    model partitioned over processes (ZeRO-3), which all must call it."""
     if not prompts:
         return []
     rows, stops, _ = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, seed=seed, logits=False)
+                               top_p=top_p, seed=seed, logits=False, synced_gpus=synced_gpus)
     return [row[:_stop_at(row, stops) + int(keep_stop)] for row in rows]
 
 

@@ -165,9 +165,13 @@ class OnPolicy(kdistill.Strategy):
         if positions is not None and longest + o.max_new_tokens > positions:
             raise ConfigError(f"strategy.options.max_new_tokens: a prompt of {longest} tokens and {o.max_new_tokens} new "
                               f"tokens exceed the student's {positions} positions")
-        answers = sample_completions(self._sampling_model(), context.tokenizer, prompts, max_new_tokens=o.max_new_tokens,
+        model = self._sampling_model()
+        # a ZeRO-3 student's parameters are partitioned (DeepSpeed marks them with ds_id): every process gathers
+        # them at every forward, so all keep generating until the last is done
+        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+        answers = sample_completions(model, context.tokenizer, prompts, max_new_tokens=o.max_new_tokens,
                                      temperature=o.temperature, top_p=o.top_p, seed=_seed(o.seed, index, context.rank),
-                                     keep_stop=True)
+                                     keep_stop=True, synced_gpus=partitioned)
         empty = sum(1 for a in answers if len(a) <= 1 and (not a or a[0] in self._stops))
         self._counts["student_batches"] += 1
         self._counts["sampled_answers"] += len(answers)
