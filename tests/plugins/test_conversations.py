@@ -174,7 +174,8 @@ def test_too_long_examples_are_cut_dropped_or_refused(tmp_path, tok, caplog):
     ([{"question": "a", "answer": "b"}] * 3, {"columns": {"prompt": "question", "completion": "reply"}},
      "data.options.columns.completion: {path} has no column 'reply' (it has: question, answer)"),
     ([{"question": "a", "answer": "b"}] * 3, {},
-     "data.options.format: {path} has none of the columns messages, prompt + completion, or text (it has: question, answer); "
+     "data.options.format: {path} has none of the columns messages, prompt + completion, text, or prompt (it has: question, "
+     "answer); "
      "name them in data.options.columns"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}], {},
      "data: {path} row 0: messages[1].role: unknown role 'bot' (expected one of system, user, assistant, tool)"),
@@ -302,3 +303,16 @@ def test_a_streamed_run_stops_in_one_line_at_a_bad_row_far_into_the_file(tmp_pat
         kdistill.run(raw)
     assert str(err.value) == f"data: {path} row 48: completion is int, not text"
     assert sorted(p.name for p in (tmp_path / "run").glob("**/step-*"))[-1] >= "step-00000012"  # what was trained is kept
+
+
+def test_prompts_alone_end_where_the_answer_begins_and_count_nothing(tmp_path, tok):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in QA])
+    data = source(paths=[str(path)], val_fraction=0, layout="pad", seq_len=64)
+    data.setup(tok, seed=0)
+    assert data.format == "prompt" and data.n_train == len(QA)
+    batch = data.batch_for_keys(torch.arange(len(QA)))
+    assert bool((batch.labels == IGNORE_INDEX).all())
+    for row, (question, _) in enumerate(QA):
+        n = int(batch.attention_mask[row].sum())
+        rendered = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        assert tok.decode(batch.input_ids[row, :n].tolist()) == rendered  # every prompt token is an input

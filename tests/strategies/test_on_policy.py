@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import kdistill
-from conftest import chat_assets, cut_after, engine_for, tiny_recipe
+from conftest import CHAT_QA, chat_assets, cut_after, engine_for, tiny_recipe
 from kdistill import IGNORE_INDEX, ConfigError, KdistillError
 from kdistill.plugins.losses.sampled_reverse_kl import SampledReverseKL
 from kdistill.toolkit import sample_completions
@@ -209,3 +209,26 @@ def test_the_loss_on_the_students_answers_against_a_float64_reference(tiny_asset
         m = 0.5 * ps + 0.5 * pt
         expected += float(0.5 * (pt * (pt / m).log()).sum() + 0.5 * (ps * (ps / m).log()).sum())
     assert total.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_on_policy_trains_on_prompts_alone_and_refuses_lmbda_below_one_there(tiny_assets, chat_teacher, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{q} {i}"}) + "\n" for i in range(3) for q, _ in CHAT_QA))
+    raw = on_policy_recipe(tiny_assets, chat_teacher, tmp_path, lmbda=1.0)
+    raw["data"]["options"].update(paths=[str(prompts)], format="prompt", val_fraction=0)
+    raw["evaluators"] = []
+    engine = engine_for(raw)
+    engine.build()
+    data = engine.data.train_batch(0, 3)
+    made = engine.strategy.prepare_batch(data, 0)
+    for row in range(3):  # the whole prompt, then the student's answer, which alone counts
+        n = int(data.attention_mask[row].sum())
+        assert made.input_ids[row, :n].tolist() == data.input_ids[row, :n].tolist()
+        assert int((made.labels[row, :n - 1] != IGNORE_INDEX).sum()) == 0 and made.labels[row, n - 1] != IGNORE_INDEX
+    summary = kdistill.run(raw)
+    assert summary["after"] is not None
+    raw["strategy"]["options"]["lmbda"] = 0.5
+    with pytest.raises(KdistillError) as err:
+        engine_for(raw)
+    assert ("strategy.options.lmbda: 0.5 trains some batches on the data's answers, but data.options.format prompt has "
+            "none; use lmbda: 1") in err.value.problems

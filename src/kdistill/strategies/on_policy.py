@@ -65,6 +65,9 @@ class OnPolicy(kdistill.Strategy):
             if data_options.layout != "pad":
                 problems.append("data.options.layout: strategy on-policy samples an answer to each row's prompt, so it "
                                 "needs one example per row (layout: pad)")
+            if getattr(data_options, "format", None) == "prompt" and options.lmbda < 1:
+                problems.append(f"strategy.options.lmbda: {options.lmbda} trains some batches on the data's answers, but "
+                                "data.options.format prompt has none; use lmbda: 1")
             if getattr(data_options, "loss_on", "completion") != "completion":
                 problems.append("data.options.loss_on: strategy on-policy finds each prompt where its counted answer "
                                 "begins (loss_on: completion)")
@@ -125,13 +128,17 @@ class OnPolicy(kdistill.Strategy):
         return self._sampler
 
     def _prompts(self, batch: kdistill.Batch) -> list[list[int]]:
-        """Each row's prompt: its tokens up to where the first counted answer token is predicted."""
+        """Each row's prompt: its tokens up to where the first counted answer token is predicted; a row with no
+        answer (a prompt alone) is all prompt."""
         if batch.position_ids is not None:
             raise ConfigError("data.options.layout: strategy on-policy needs one example per row (layout: pad)")
         prompts = []
         for row in range(batch.input_ids.shape[0]):
             counted = (batch.labels[row] != IGNORE_INDEX).nonzero()
-            if counted.numel() == 0 or int(counted[0]) == 0:
+            if counted.numel() == 0:
+                prompts.append(batch.input_ids[row, :int(batch.attention_mask[row].sum())].tolist())
+                continue
+            if int(counted[0]) == 0:
                 raise ConfigError("data: a row without a prompt before its answer; strategy on-policy needs prompts "
                                   "(prompt + completion, or messages, with loss_on: completion)")
             prompts.append(batch.input_ids[row, :int(counted[0]) + 1].tolist())
@@ -158,6 +165,9 @@ class OnPolicy(kdistill.Strategy):
             self._counts_step = context.step
         on_policy = o.lmbda == 1 or (o.lmbda > 0 and _seed(o.seed, index, "mix") / 2 ** 63 < o.lmbda)
         if not on_policy:
+            if not bool((batch.labels != IGNORE_INDEX).any()):
+                raise ConfigError(f"strategy.options.lmbda: {o.lmbda} trains some batches on the data's answers, but the "
+                                  "data has none (prompts alone); use lmbda: 1")
             return batch
         prompts = self._prompts(batch)
         longest = max(len(p) for p in prompts)

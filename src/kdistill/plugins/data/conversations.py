@@ -29,7 +29,8 @@ from kdistill.toolkit import ROLES, check_chat_template, read_table, stop_ids
 
 log = logging.getLogger("kdistill")
 
-FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "messages": ("messages",)}
+# "prompt": a prompt alone, for a strategy that writes the answers itself (on-policy); nothing in it counts
+FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "messages": ("messages",), "prompt": ("prompt",)}
 IDS = "completion_ids"  # a folder written by `kdistill generate` with top_k: the answer's exact token ids
 BUCKET_BATCHES = 32  # padded layout: examples are sorted by length within windows of this many batches
 RENDER_ROWS = 256  # streaming: rows tokenized together
@@ -61,8 +62,9 @@ class Conversations(kdistill.DataSource):
                                                    "folder (pkg://PACKAGE/PATH allowed); a folder written by "
                                                    "`kdistill generate` reads as its answers")
         split: str | None = Field(None, description="the split of a save_to_disk DatasetDict (default: train)")
-        format: Literal["auto", "text", "prompt-completion", "messages"] = Field(
-            "auto", description="how rows read; auto: messages, else prompt + completion, else text, by the columns present")
+        format: Literal["auto", "text", "prompt-completion", "messages", "prompt"] = Field(
+            "auto", description="how rows read; auto: by the columns present (text, prompt + completion, messages, or a "
+            "prompt alone: prompts for on-policy training, nothing counted)")
         columns: dict[Literal["text", "prompt", "completion", "messages"], str] = Field(
             default_factory=dict, description="which column holds each field, e.g. {prompt: question, completion: answer}")
         chat_template: bool = Field(True, description="render prompt + completion as a user turn and an assistant turn "
@@ -105,14 +107,15 @@ class Conversations(kdistill.DataSource):
         o = self.options
         mapping = {field: o.columns.get(field, field) for fields in FORMATS.values() for field in fields}
         fmt = o.format
-        named = [name for name, fields in FORMATS.items() if set(o.columns) & set(fields)]
+        named = [name for name, fields in FORMATS.items() if o.columns and set(o.columns) <= set(fields)]
         if fmt == "auto" and len(named) == 1:  # the columns named say which format is meant
             fmt = named[0]
         if fmt == "auto":
             found = [name for name, fields in FORMATS.items() if all(mapping[f] in present for f in fields)]
             if not found:
                 raise ConfigError(f"data.options.format: {self._where()} has none of the columns messages, prompt + "
-                                  f"completion, or text (it has: {', '.join(present)}); name them in data.options.columns")
+                                  f"completion, text, or prompt (it has: {', '.join(present)}); name them in "
+                                  "data.options.columns")
             fmt = found[0]
         for field in FORMATS[fmt]:
             if mapping[field] not in present:
@@ -157,6 +160,12 @@ class Conversations(kdistill.DataSource):
         eos = tokenizer.eos_token or ""
         if fmt == "text":
             return [(self._text(row, "text", values["text"]) + eos, True)]
+        if fmt == "prompt":  # ends where the answer would begin; the answer comes from the strategy
+            prompt = self._text(row, "prompt", values["prompt"])
+            if o.chat_template:
+                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                       add_generation_prompt=True)
+            return [(prompt, all_count)]
         if fmt == "prompt-completion":
             prompt, completion = self._text(row, "prompt", values["prompt"]), self._text(row, "completion", values["completion"])
             if not completion.strip():
@@ -231,6 +240,8 @@ class Conversations(kdistill.DataSource):
                 piece = next(encoded) if isinstance(text, str) else text
                 ids += piece
                 counts += [count] * len(piece)
+            if fmt == "prompt":  # a padding token after it, so that every prompt token is an input
+                ids, counts = ids + [self._pad], counts + [False]
             examples.append(Example(ids, counts, row, answer))
         return examples
 
@@ -249,7 +260,7 @@ class Conversations(kdistill.DataSource):
                     continue
                 ex = Example(ex.ids[:limit], ex.counts[:limit], ex.row, ex.answer)
                 cut += 1
-            if not any(ex.counts[1:]):  # nothing left to learn (a completion cut away entirely)
+            if not any(ex.counts[1:]) and self.format != "prompt":  # nothing left to learn (a completion cut away)
                 empty += 1
                 continue
             kept.append(ex)
@@ -365,7 +376,7 @@ class Conversations(kdistill.DataSource):
         return list(dict.fromkeys(list((self._columns or {}).values()) + extra))
 
     def _check_template(self) -> None:
-        if self.format == "messages" or (self.format == "prompt-completion" and self.options.chat_template):
+        if self.format == "messages" or (self.format in ("prompt-completion", "prompt") and self.options.chat_template):
             check_chat_template(self._tokenizer, "data.options.chat_template")
 
     def _digest(self, examples: Iterable[Example], n_val: int) -> str:
