@@ -300,17 +300,20 @@ def run_cli(raw: dict, tmp_path: Path, *args) -> tuple[int, str, str]:
     return cli("run", path, *args)
 
 
-@pytest.mark.parametrize("layout", ["pack", "pad"])
-def test_a_steps_kd_loss_from_stored_top_k_is_the_cached_teachers(assets, written, tmp_path, layout):
+@pytest.mark.parametrize("data", [{"layout": "pack"}, {"layout": "pad"}, {"layout": "pack", "seq_len": 38}],
+                         ids=["pack", "pad", "answers-cut-at-seq_len"])
+def test_a_steps_kd_loss_from_stored_top_k_is_the_cached_teachers(assets, written, tmp_path, data):
     """The same batches, the same student: forward KL to the targets stored while the teacher wrote its answers
-    equals forward KL to a teacher cache written by running the teacher over the rows (`cached`'s store)."""
+    equals forward KL to a teacher cache written by running the teacher over the rows (`cached`'s store); also
+    when seq_len cuts answers short (their first tokens keep their targets)."""
     from conftest import engine_for
     from kdistill import ModelOutputs, Needs, SparseTargets
     from kdistill.plugins.teachers.cache_store import TeacherCache, write_cache
     from kdistill.plugins.teachers.hf import HFTeacher
 
-    engine = engine_for(training(assets, tmp_path, written["with_k"], data={"layout": layout}))
+    engine = engine_for(training(assets, tmp_path, written["with_k"], data=data))
     engine.build()
+    assert (engine.data.counts["cut"] > 0) == ("seq_len" in data)
     assert engine.teacher.model is None and engine.flops_per_token == 6 * sum(p.numel() for p in engine.student.parameters())
     live = HFTeacher(HFTeacher.Options(model=assets["teacher"]))
     live.load(torch.device("cpu"))
@@ -401,3 +404,7 @@ def test_bad_input_is_one_line(assets, written, tmp_path):
     raw = training(assets, tmp_path, with_k, teacher={"source": {"model": other}})
     assert refused(raw) == (f"error: teacher.options.source.model: the teacher at {other} has other weights than the one "
                             f"that wrote the answers in {with_k}")
+    raw = training(assets, tmp_path, with_k, data={"layout": "pad"})
+    raw["strategy"] = {"name": "on-policy"}  # the student's own answers have no stored targets
+    code, _, stderr = run_cli(raw, tmp_path)
+    assert code == 2 and "teacher.name: teacher 'answers-top-k' holds targets for the data's own text" in stderr

@@ -203,9 +203,10 @@ def sample_completions_with_logits(model: Any, tokenizer: Any, prompts: Sequence
                                    temperature: float = 0.0, top_p: float = 1.0,
                                    seed: int = 0) -> tuple[list[list[int]], tuple[torch.Tensor, ...]]:
     """As `sample_completions` (the same answers), but each answer keeps the stop token that ended it (none when
-    it reached max_new_tokens), and the model's raw logits come with them: one float32 [len(prompts), V] tensor
-    per generation step, before temperature, top-p or any other processor, so answer i's token j was drawn from
-    logits[j][i]. Every step of the batch is kept until it ends: len(prompts) x steps x V x 4 bytes."""
+    it reached max_new_tokens), and the model's raw logits come with them: one float32 tensor of shape
+    `(len(prompts), V)` per generation step, before temperature, top-p or any other processor, so the token j of
+    answer i was drawn from `logits[j][i]`. Every step of the batch is kept until it ends: len(prompts) x steps
+    x V x 4 bytes."""
     if not prompts:
         return [], ()
     rows, stops, logits = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -38,7 +38,6 @@ class AnswersTopK(kdistill.TeacherProvider):
 
     name = NAME
     runs_forward = False  # the engine counts no teacher FLOPs per step
-    scores_new_text = False  # it holds targets for the stored answers only
     scores_new_text = False  # only the answers it wrote have targets (not, say, the student's own answers)
 
     class Options(kdistill.Options):
