@@ -408,3 +408,8 @@ def test_bad_input_is_one_line(assets, written, tmp_path):
     raw["strategy"] = {"name": "on-policy"}  # the student's own answers have no stored targets
     code, _, stderr = run_cli(raw, tmp_path)
     assert code == 2 and "teacher.name: teacher 'answers-top-k' holds targets for the data's own text" in stderr
+    missing = tmp_path / "not-written"
+    assert refused(training(assets, tmp_path, missing, generator={"top_k": 8})) == (
+        "error: teacher.options.load_source: 10 prompts still need answers, which the live teacher writes; teacher "
+        "'answers-top-k' loads its source's weights only with load_source: true")
+    assert not missing.exists()

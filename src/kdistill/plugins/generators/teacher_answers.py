@@ -189,7 +189,12 @@ class TeacherAnswers(kdistill.Generator):
 
     def pending(self, teacher: kdistill.TeacherProvider, overwrite: bool = False) -> int:
         kept = self._kept_shards(self._old(self.identity(teacher), overwrite))
-        return sum(len(shard) for i, shard in enumerate(self._shards()) if shard_name(i) not in kept)
+        left = sum(len(shard) for i, shard in enumerate(self._shards()) if shard_name(i) not in kept)
+        if left and teacher.model is None and not getattr(teacher, "runs_forward", True) \
+                and not getattr(teacher.options, "load_source", False):
+            raise ConfigError(f"teacher.options.load_source: {left} prompts still need answers, which the live teacher "
+                              f"writes; teacher '{teacher.name}' loads its source's weights only with load_source: true")
+        return left
 
     # ------------------------------------------------------------------------------ writing
 
