@@ -174,9 +174,8 @@ def test_too_long_examples_are_cut_dropped_or_refused(tmp_path, tok, caplog):
     ([{"question": "a", "answer": "b"}] * 3, {"columns": {"prompt": "question", "completion": "reply"}},
      "data.options.columns.completion: {path} has no column 'reply' (it has: question, answer)"),
     ([{"question": "a", "answer": "b"}] * 3, {},
-     "data.options.format: {path} has none of the columns messages, prompt + completion, text, or prompt (it has: question, "
-     "answer); "
-     "name them in data.options.columns"),
+     "data.options.format: {path} has none of the columns messages, prompt + completion, or text (it has: question, answer); "
+     "name them in data.options.columns (prompts alone: format: prompt)"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}], {},
      "data: {path} row 0: messages[1].role: unknown role 'bot' (expected one of system, user, assistant, tool)"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
@@ -307,7 +306,7 @@ def test_a_streamed_run_stops_in_one_line_at_a_bad_row_far_into_the_file(tmp_pat
 
 def test_prompts_alone_end_where_the_answer_begins_and_count_nothing(tmp_path, tok):
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in QA])
-    data = source(paths=[str(path)], val_fraction=0, layout="pad", seq_len=64)
+    data = source(paths=[str(path)], val_fraction=0, layout="pad", seq_len=64, format="prompt")
     data.setup(tok, seed=0)
     assert data.format == "prompt" and data.n_train == len(QA)
     batch = data.batch_for_keys(torch.arange(len(QA)))

@@ -72,7 +72,7 @@ def test_sampled_reverse_kl_reads_the_sampled_token_from_top_k_targets_at_temper
     loss = SampledReverseKL()
     assert torch.allclose(loss.rows(student, sparse, labels), loss.rows(student, teacher, labels))
     missing = kdistill.SparseTargets(top.indices[:, :1], top.values[:, :1], torch.zeros(4, dtype=torch.float64), 1.0)
-    with pytest.raises(ValueError, match="a sampled token is not among the teacher's top-k"):
+    with pytest.raises(ConfigError, match="a sampled token is not among the teacher's top-k"):
         loss.rows(student, missing, torch.where(labels == top.indices[:, 0], (labels + 1) % 9, labels))
 
 
@@ -130,8 +130,9 @@ def test_an_on_policy_run_trains_logs_its_samples_and_resumes_exactly(tiny_asset
     raw = on_policy_recipe(tiny_assets, chat_teacher, tmp_path, lmbda=0.5, refresh_every=2, generation_dtype="bfloat16")
     summary = kdistill.run(raw)
     rows = [json.loads(line) for line in (Path(raw["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    sampled = [r for r in rows if "on_policy/sampled_answers" in r.get("metrics", r)]
-    assert sampled and math.isfinite(summary["after"]["val/student_loss"])
+    # lmbda 0.5: micro-batches 1 and 2 (steps 2 and 3) drew the student's answers, one of them after the resume point
+    drawn = [r["metrics"]["on_policy/student_batches"] for r in rows if "on_policy/student_batches" in r.get("metrics", {})]
+    assert drawn == [0, 1, 1, 0] and math.isfinite(summary["after"]["val/student_loss"])
     resumed = cut_after(raw, tmp_path / "resumed", "step-00000004")
     kdistill.run(resumed, resume=True)
     a = load_file(str(Path(raw["output_dir"]) / "final" / "model.safetensors"))
@@ -175,13 +176,14 @@ def test_a_cached_teacher_cannot_score_the_students_answers(tiny_assets, chat_te
             "answers (strategy on-policy); use a teacher that runs (hf)") in err.value.problems
 
 
-def test_a_tokenizer_without_a_chat_template_is_refused(tiny_assets, tmp_path):
-    raw = on_policy_recipe(tiny_assets, tiny_assets["teacher"], tmp_path)
-    raw["data"]["options"]["chat_template"] = False
-    with pytest.raises(ConfigError) as err:
-        engine_for(raw).build()
-    assert str(err.value).startswith("strategy: the tokenizer (") and str(err.value).endswith(
-        ") has no chat template; use a chat model's tokenizer or set chat_template: false")
+def test_prompts_alone_are_refused_to_a_strategy_that_does_not_write_answers(tiny_assets, chat_teacher, tmp_path):
+    raw = on_policy_recipe(tiny_assets, chat_teacher, tmp_path)
+    raw["data"]["options"]["format"] = "prompt"
+    raw["strategy"] = {"name": "offline"}
+    with pytest.raises(KdistillError) as err:
+        engine_for(raw)
+    assert ("data.options.format: prompts alone leave strategy 'offline' nothing to learn; give answers too, or use a "
+            "strategy that writes them (on-policy)") in err.value.problems
 
 
 def test_lmbda_zero_is_the_offline_strategy_bit_for_bit(tiny_assets, chat_teacher, tmp_path):
@@ -232,3 +234,19 @@ def test_on_policy_trains_on_prompts_alone_and_refuses_lmbda_below_one_there(tin
         engine_for(raw)
     assert ("strategy.options.lmbda: 0.5 trains some batches on the data's answers, but data.options.format prompt has "
             "none; use lmbda: 1") in err.value.problems
+
+
+def test_sampling_draws_from_the_whole_distribution_not_a_top_k_cut(tiny_assets):
+    """transformers' default top-k of 50 (or a checkpoint's generation config) must not cut what the student
+    samples: on-policy losses assume the answers are drawn from the student's distribution."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"], torch_dtype=torch.float32)
+    model.generation_config.top_k = 50
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["teacher"])
+    prompt = [5, 6, 7]
+    drawn = {sample_completions(model, tokenizer, [prompt], max_new_tokens=1, temperature=1.0, seed=s, keep_stop=True)[0][0]
+             for s in range(300)}
+    with torch.no_grad():
+        top50 = set(model(torch.tensor([prompt])).logits[0, -1].topk(50).indices.tolist())
+    assert drawn - top50  # tokens outside the 50 most likely are drawn too

@@ -163,8 +163,12 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, m
         ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt):] = 1
     stops = stop_ids(tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    # a fresh generation config: nothing but what is asked (a checkpoint's own, or transformers' default top-k
+    # of 50, would cut the distribution that on-policy losses assume the answers are drawn from)
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
+        {"do_sample": False}
     # output_logits: the logits as the model gave them, before temperature, top-p or any other processor
     extra = {"return_dict_in_generate": True, "output_logits": True} if logits else {}
     was_training = model.training
@@ -172,9 +176,10 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, m
     devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=stops or None, use_cache=True, synced_gpus=synced_gpus,
-                             **sampling, **extra)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops or None,
+                                  use_cache=True, **sampling, **extra)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             synced_gpus=synced_gpus)
     model.train(was_training)
     sequences = out.sequences if logits else out
     return sequences[:, width:].tolist(), stops, tuple(out.logits) if logits else ()

@@ -366,6 +366,7 @@ class Strategy(Component):
     kind = "strategy"
     needs_teacher: ClassVar[bool] = True
     chain: ClassVar[bool] = False  # runs whole stages itself (`run_chain`) instead of the engine's loop
+    writes_answers: ClassVar[bool] = False  # trains on answers it writes itself (on-policy): prompts alone will do
 
     def run_chain(self, plan: Any, runner: Any, resume: bool, overwrite: bool, force: bool) -> dict[str, Any]:
         """A chain strategy's run (progressive): `runner` (the engine's StageRunner) resolves stage

@@ -511,6 +511,9 @@ def _cross_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list
                         f"{', '.join(repr(n) for n in needing)} need{'' if len(needing) > 1 else 's'}")
     strategy = components["strategy"][0]
     problems += strategy.entry.cls.recipe_problems(recipe, components)
+    if data and getattr(data[0].options, "format", None) == "prompt" and not strategy.entry.cls.writes_answers:
+        problems.append(f"data.options.format: prompts alone leave strategy '{strategy.entry.name}' nothing to learn; "
+                        "give answers too, or use a strategy that writes them (on-policy)")
     has_teacher = bool(components.get("teacher"))
     if strategy.entry.cls.needs_teacher and not has_teacher:
         problems.append(f"teacher: strategy '{strategy.entry.name}' needs a teacher; add a teacher section")

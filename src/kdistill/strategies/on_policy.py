@@ -18,7 +18,7 @@ from pydantic import Field
 
 import kdistill
 from kdistill import IGNORE_INDEX, ConfigError
-from kdistill.toolkit import LossStep, StepOptions, check_chat_template, sample_completions, stop_ids
+from kdistill.toolkit import LossStep, StepOptions, sample_completions, stop_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +34,7 @@ class OnPolicy(kdistill.Strategy):
     them, the losses train the student on the answer tokens only."""
 
     name = "on-policy"
+    writes_answers = True
 
     class Options(StepOptions):
         lmbda: float = Field(1.0, ge=0, le=1, description="share of micro-batches trained on the student's own answers "
@@ -94,7 +95,6 @@ class OnPolicy(kdistill.Strategy):
         if tokenizer is None or not stop_ids(tokenizer):
             raise ConfigError("strategy: on-policy needs a tokenizer with an end-of-turn or end-of-sequence token, "
                               "so that sampled answers end")
-        check_chat_template(tokenizer, "strategy")
         self._stops = set(stop_ids(tokenizer))
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._stops)
         self._sampler: torch.nn.Module | None = None
@@ -170,10 +170,10 @@ class OnPolicy(kdistill.Strategy):
                                   "data has none (prompts alone); use lmbda: 1")
             return batch
         prompts = self._prompts(batch)
-        longest = max(len(p) for p in prompts)
+        width = batch.input_ids.shape[1]  # the global batch's width: the same on every process, so all stop alike
         positions = getattr(getattr(context.student, "config", None), "max_position_embeddings", None)
-        if positions is not None and longest + o.max_new_tokens > positions:
-            raise ConfigError(f"strategy.options.max_new_tokens: a prompt of {longest} tokens and {o.max_new_tokens} new "
+        if positions is not None and width + o.max_new_tokens > positions:
+            raise ConfigError(f"strategy.options.max_new_tokens: rows of {width} tokens and {o.max_new_tokens} new "
                               f"tokens exceed the student's {positions} positions")
         model = self._sampling_model()
         # a ZeRO-3 student's parameters are partitioned (DeepSpeed marks them with ds_id): every process gathers

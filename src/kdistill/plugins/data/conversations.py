@@ -63,8 +63,8 @@ class Conversations(kdistill.DataSource):
                                                    "`kdistill generate` reads as its answers")
         split: str | None = Field(None, description="the split of a save_to_disk DatasetDict (default: train)")
         format: Literal["auto", "text", "prompt-completion", "messages", "prompt"] = Field(
-            "auto", description="how rows read; auto: by the columns present (text, prompt + completion, messages, or a "
-            "prompt alone: prompts for on-policy training, nothing counted)")
+            "auto", description="how rows read; auto: by the columns present (text, prompt + completion, or messages); "
+            "prompt (named only): prompts alone, nothing counted, for a strategy that writes the answers (on-policy)")
         columns: dict[Literal["text", "prompt", "completion", "messages"], str] = Field(
             default_factory=dict, description="which column holds each field, e.g. {prompt: question, completion: answer}")
         chat_template: bool = Field(True, description="render prompt + completion as a user turn and an assistant turn "
@@ -107,15 +107,16 @@ class Conversations(kdistill.DataSource):
         o = self.options
         mapping = {field: o.columns.get(field, field) for fields in FORMATS.values() for field in fields}
         fmt = o.format
-        named = [name for name, fields in FORMATS.items() if o.columns and set(o.columns) <= set(fields)]
+        auto = {name: fields for name, fields in FORMATS.items() if name != "prompt"}  # prompts alone: named only
+        named = [name for name, fields in auto.items() if o.columns and set(o.columns) <= set(fields)]
         if fmt == "auto" and len(named) == 1:  # the columns named say which format is meant
             fmt = named[0]
         if fmt == "auto":
-            found = [name for name, fields in FORMATS.items() if all(mapping[f] in present for f in fields)]
+            found = [name for name, fields in auto.items() if all(mapping[f] in present for f in fields)]
             if not found:
                 raise ConfigError(f"data.options.format: {self._where()} has none of the columns messages, prompt + "
-                                  f"completion, text, or prompt (it has: {', '.join(present)}); name them in "
-                                  "data.options.columns")
+                                  f"completion, or text (it has: {', '.join(present)}); name them in data.options.columns "
+                                  "(prompts alone: format: prompt)")
             fmt = found[0]
         for field in FORMATS[fmt]:
             if mapping[field] not in present:

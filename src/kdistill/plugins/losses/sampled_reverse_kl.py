@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import kdistill
-from kdistill import SparseTargets
+from kdistill import ConfigError, SparseTargets
 from kdistill.plugins.losses.common import LOG_FLOOR, upcast
 
 
@@ -33,12 +33,12 @@ class SampledReverseKL(kdistill.LogitLoss):
         log_ps = label_logprobs(upcast(student), labels)
         if isinstance(teacher, SparseTargets):
             if teacher.temperature != 1:
-                raise ValueError(f"loss 'sampled-reverse-kl' needs the teacher's log-probabilities at temperature 1, "
+                raise ConfigError(f"losses: sampled-reverse-kl needs the teacher's log-probabilities at temperature 1, "
                                  f"not {teacher.temperature}")
             found = teacher.ids.long() == labels.unsqueeze(-1)
             if not bool(found.any(-1).all()):
-                raise ValueError("loss 'sampled-reverse-kl': a sampled token is not among the teacher's top-k "
-                                 "log-probabilities")
+                raise ConfigError("losses: sampled-reverse-kl: a sampled token is not among the teacher's top-k "
+                                  "log-probabilities (it needs the log-probability of every token it is given)")
             log_pt = torch.where(found, upcast(teacher.logprobs), torch.zeros_like(upcast(teacher.logprobs))).sum(-1)
         elif teacher is not None:
             log_pt = label_logprobs(upcast(teacher).detach(), labels)
