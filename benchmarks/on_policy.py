@@ -35,7 +35,7 @@ def build(recipe: str, overrides: list[str]):
 
     pm = make_plugin_manager()
     registry = Registry.from_plugins(pm)
-    engine = Engine(resolve(load_recipe(recipe_path(recipe), overrides), registry), pm, registry)
+    engine = Engine(resolve(load_recipe(recipe_path(Path(recipe)), overrides), registry), pm, registry)
     engine.build()
     return engine
 
