@@ -248,8 +248,13 @@ def step_loss(record: StepRecord, dry: bool, workdir: Path, limit: float) -> Non
             record.update_and_save(rows=rows)
             log(f"loss: {variant} at V={vocab}: " + (row.get("error") or f"{row['time_s']:.4f} s, {row['peak_extra_mib']:.0f} MiB"))
     record.update_and_save(rows=rows, goals=loss_goals(rows), table=bench.format_table(rows, "kl+ce", shape))
+    # the CPU dry run checks that the step works, not how fast a busy 2-core machine is: variants its time did
+    # not reach are not failures there, as long as kdistill was measured at one vocabulary at least
     failed = [f"{r['variant']} at V={r['vocab']}: {r['error']}" for r in rows
-              if "error" in r and r["variant"].startswith(("kdistill", "naive", "floor"))]
+              if "error" in r and r["variant"].startswith(("kdistill", "naive", "floor"))
+              and not (dry and r["error"].startswith("not run"))]
+    if dry and not any(r["variant"] == "kdistill" and "time_s" in r for r in rows):
+        failed.append("kdistill: measured at no vocabulary")
     if failed:
         raise RuntimeError("; ".join(failed[:3]))
 
