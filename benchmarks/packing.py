@@ -47,33 +47,9 @@ import statistics
 import time
 from pathlib import Path
 
+from loss import read_peak, reset_peak, rss_bytes  # benchmarks/loss.py: the same memory probes
+
 DEFAULT_ANSWERS = Path("/tmp/kdistill-packing-answers")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak() -> bool:
-    """Reset the kernel's resident high-water mark to the current size (Linux); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return read_peak() is not None
-    except OSError:
-        return False
-
-
-def read_peak() -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def release_freed_memory() -> None:

@@ -29,6 +29,7 @@ from kdistill.core.capture import attention_module, capture, num_layers
 from kdistill.core.chat import (
     GENERATION_MANIFEST,
     ROLES,
+    answer_batch,
     check_chat_template,
     prompt_ids,
     read_table,
@@ -95,7 +96,7 @@ def track_side_run(plan, suffix: str, params: dict[str, Any], metrics: list[dict
 
 
 __all__ = [
-    "GENERATION_MANIFEST", "RECIPES_DIR", "ROLES", "SET_HELP", "check_chat_template", "prompt_ids", "read_table",
+    "GENERATION_MANIFEST", "RECIPES_DIR", "ROLES", "SET_HELP", "answer_batch", "check_chat_template", "prompt_ids", "read_table",
     "sample_completions", "sample_completions_with_logits", "stop_ids", "FeatureBridge", "LossStep", "StepOptions",
     "TeacherRows", "use_eager_attention",
     "weighted_losses", "attention_module", "bars", "capture", "check_pairs", "choose_attention",

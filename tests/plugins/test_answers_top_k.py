@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
+from test_generate import cli, shard_bytes
 
 from conftest import tiny_recipe
 
@@ -63,21 +63,10 @@ def recipe(assets, tmp_path: Path, output: Path, data: dict | None = None, teach
     return path
 
 
-def cli(*args) -> tuple[int, str, str]:
-    from kdistill.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def shards(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.parquet"))}
-
-
 def rows(folder: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return [row for name in shards(folder) for row in pq.read_table(folder / name).to_pylist()]
+    return [row for name in shard_bytes(folder) for row in pq.read_table(folder / name).to_pylist()]
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +151,7 @@ def test_sampled_answers_store_the_raw_logits_at_top_k_temperature(assets, tmp_p
         check_stored(row, reference(assets, row["prompt"], row["completion_ids"], 2.0), 16)
 
 
-def test_a_killed_write_with_top_k_resumes_to_the_same_shards(assets, tmp_path, monkeypatch):
+def test_a_killed_write_with_top_k_resumes_to_the_same_shard_bytes(assets, tmp_path, monkeypatch):
     from kdistill.core.config import load_recipe, resolve
     from kdistill.core.registry import Registry
     from kdistill.plugins.generators import teacher_answers
@@ -186,12 +175,12 @@ def test_a_killed_write_with_top_k_resumes_to_the_same_shards(assets, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         run_generator(plan, plan.build("teacher", teacher_answers.kdistill.TeacherProvider), torch.device("cpu"), print,
                       progress=False)
-    assert list(shards(killed)) == ["shard-00000.parquet"]
+    assert list(shard_bytes(killed)) == ["shard-00000.parquet"]
     monkeypatch.setattr(teacher_answers, "_write_shard", write)
     code, stdout, stderr = cli("generate", path)
     assert code == 0, stderr
     assert "writing answers to 6 prompts" in stdout
-    assert shards(killed) == shards(whole) and len(shards(whole)) == 3
+    assert shard_bytes(killed) == shard_bytes(whole) and len(shard_bytes(whole)) == 3
 
 
 def test_top_k_bad_input_is_one_line(assets, written, tmp_path):
@@ -267,6 +256,23 @@ def test_the_answers_token_ids_are_taken_as_they_are_and_only_they_count(assets,
             seen.append(row)
         assert torch.equal(batch.labels[unit] != IGNORE_INDEX, counted)  # nothing else counts
     assert sorted(seen) == list(range(len(stored)))
+
+
+def test_a_student_with_another_vocabulary_reads_the_answers_text_not_the_teachers_ids(assets, written):
+    """completion_ids are the teacher's token ids: only a student with the teacher's vocabulary may take them."""
+    from transformers import AutoTokenizer
+
+    from kdistill import IGNORE_INDEX
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["teacher"])
+    tokenizer.add_tokens(["<extra>"])  # another vocabulary (its digest differs), the same text tokenization
+    stored = rows(written["with_k"])
+    data = conversations(written["with_k"], tokenizer, layout="pad")
+    batch = data.batch_for_keys(data.train_keys())
+    counted = sorted(tuple(row[row != IGNORE_INDEX].tolist()) for row in batch.labels)
+    eos_newline = tokenizer("<eos>\n", add_special_tokens=False)["input_ids"]
+    expected = sorted(tuple(tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + eos_newline) for r in stored)
+    assert counted == expected  # the answers' text re-encoded, as without completion_ids
 
 
 # ------------------------------------------------------------------------------------------------ the teacher
@@ -351,11 +357,11 @@ def test_run_writes_the_answers_with_the_source_then_trains_without_a_teacher_fo
     assert code == 0, stderr
     assert "the teacher is writing answers to 10 prompts first" in stderr
     assert json.loads((folder / "generation.json").read_text())["top_k"]["k"] == 8
-    before = shards(folder)
+    before = shard_bytes(folder)
     raw["teacher"]["options"]["load_source"] = False  # the answers are complete: no teacher weights at all
     code, _, stderr = run_cli(raw, tmp_path, "--overwrite")
     assert code == 0, stderr
-    assert "writing answers" not in stderr and shards(folder) == before
+    assert "writing answers" not in stderr and shard_bytes(folder) == before
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"train/forward-kl"') == 2  # 2 steps
 
 

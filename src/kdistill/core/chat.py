@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from kdistill.core.components import IGNORE_INDEX, Batch
 from kdistill.core.errors import ConfigError
 from kdistill.core.paths import resolve_path
 
@@ -217,3 +218,19 @@ def sample_completions_with_logits(model: Any, tokenizer: Any, prompts: Sequence
     rows, stops, logits = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_p=top_p, seed=seed, logits=True)
     return [row[:_stop_at(row, stops) + 1] for row in rows], logits
+
+
+def answer_batch(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad: int) -> Batch:
+    """One batch of `prompt + answer` rows, right-padded, in which only the answers' tokens count (the
+    student's own answers in on-policy training, the teacher's or the student's when answers are scored)."""
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers)) - 1
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):  # logits[:, t] predicts labels[:, t]
+        sequence = torch.tensor(list(prompt) + list(answer), dtype=torch.long)
+        n = len(sequence) - 1
+        ids[row, :n] = sequence[:-1]
+        labels[row, len(prompt) - 1:n] = sequence[len(prompt):]
+        mask[row, :n] = 1
+    return Batch(input_ids=ids, labels=labels, attention_mask=mask)

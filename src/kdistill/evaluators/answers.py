@@ -23,7 +23,7 @@ from pydantic import Field
 
 import kdistill
 from kdistill import ConfigError
-from kdistill.toolkit import model_dtype, prompt_ids, read_table, sample_completions, stop_ids
+from kdistill.toolkit import answer_batch, model_dtype, prompt_ids, read_table, sample_completions, stop_ids
 
 FIELD = "evaluators: answers.options"  # an evaluator does not know its place in the recipe's list
 COLUMNS = ("question", "reference", "teacher", "student_before", "student_after")
@@ -98,18 +98,8 @@ def answer_batches(prompts: list[list[int]], answers: list[list[int]], batch_siz
     """Batches of `prompt + answer` rows (right padding) in which only the answers' tokens count."""
     for start in range(0, len(prompts), batch_size):
         rows = [(p, a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size]) if a]
-        if not rows:
-            continue
-        width = max(len(p) + len(a) for p, a in rows) - 1
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), kdistill.IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (p, a) in enumerate(rows):  # logits[:, t] predicts labels[:, t]
-            seq = list(p) + list(a)
-            ids[i, :len(seq) - 1] = torch.tensor(seq[:-1])
-            mask[i, :len(seq) - 1] = 1
-            labels[i, len(p) - 1:len(seq) - 1] = torch.tensor(list(a))
-        yield kdistill.Batch(ids, labels, mask).to(device)
+        if rows:
+            yield answer_batch([p for p, _ in rows], [a for _, a in rows], pad).to(device)
 
 
 def answer_nll(model, prompts: list[list[int]], answers: list[list[int]], batch_size: int, pad: int) -> tuple[float, int]:

@@ -18,7 +18,7 @@ from pydantic import Field
 
 import kdistill
 from kdistill import IGNORE_INDEX, ConfigError
-from kdistill.toolkit import LossStep, StepOptions, sample_completions, stop_ids
+from kdistill.toolkit import LossStep, StepOptions, answer_batch, sample_completions, stop_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -144,20 +144,6 @@ class OnPolicy(kdistill.Strategy):
             prompts.append(batch.input_ids[row, :int(counted[0]) + 1].tolist())
         return prompts
 
-    def _answer_batch(self, prompts: list[list[int]], answers: list[list[int]], device: torch.device) -> kdistill.Batch:
-        """Prompt + answer per row, right-padded; only the answer's tokens (and the stop token) count."""
-        width = max(len(p) + len(a) for p, a in zip(prompts, answers)) - 1
-        ids = torch.full((len(prompts), width), self._pad, dtype=torch.long)
-        labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, (prompt, answer) in enumerate(zip(prompts, answers)):
-            sequence = torch.tensor(prompt + answer, dtype=torch.long)
-            n = len(sequence) - 1
-            ids[row, :n] = sequence[:-1]
-            labels[row, len(prompt) - 1:n] = sequence[len(prompt):]
-            mask[row, :n] = 1
-        return kdistill.Batch(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device))
-
     def prepare_batch(self, batch: kdistill.Batch, index: int) -> kdistill.Batch:
         o, context = self.options, self.context
         if self._counts_step != context.step:
@@ -188,7 +174,7 @@ class OnPolicy(kdistill.Strategy):
         self._counts["sampled_tokens"] += sum(len(a) for a in answers)
         self._counts["empty_answers"] += empty
         answers = [a if a else [min(self._stops)] for a in answers]  # max_new_tokens >= 1: never empty, but be sure
-        return self._answer_batch(prompts, answers, batch.input_ids.device)
+        return answer_batch(prompts, answers, self._pad).to(batch.input_ids.device)
 
     def step_metrics(self) -> dict[str, float]:
         return {f"on_policy/{name}": value for name, value in self._counts.items()}

@@ -24,8 +24,9 @@ import torch
 from pydantic import Field
 
 import kdistill
-from kdistill import IGNORE_INDEX, ConfigError
-from kdistill.toolkit import ROLES, check_chat_template, read_table, stop_ids
+from kdistill import IGNORE_INDEX, ConfigError, resolve_path
+from kdistill.plugins.teachers.cache_store import vocab_digest
+from kdistill.toolkit import GENERATION_MANIFEST, ROLES, check_chat_template, read_table, stop_ids
 
 log = logging.getLogger("kdistill")
 
@@ -225,7 +226,7 @@ class Conversations(kdistill.DataSource):
         pieces: list[tuple[int, list[tuple[str | list[int], bool]]]] = []
         for row, record in records:
             values = {f: record[c] for f, c in columns.items()}
-            if fmt == "prompt-completion" and IDS in record:
+            if self._ids and IDS in record:
                 values[IDS] = record[IDS]
             pieces.append((row, self._segments(tokenizer, fmt, row, values)))
         flat = [text for _, segments in pieces for text, _ in segments if isinstance(text, str)]
@@ -345,7 +346,8 @@ class Conversations(kdistill.DataSource):
             return
         table = read_table(o.paths, "data.options.paths", o.split)
         self.format, self._columns = self._format(list(table.column_names))
-        table = table.select_columns(self._used(list(table.column_names)))
+        self._ids = self._takes_ids(list(table.column_names))
+        table = table.select_columns(self._used())
         self._check_template()
         if o.first >= len(table):
             raise ConfigError(f"data.options.first: {o.first} skips every row of {self._where()} ({len(table)} rows)")
@@ -371,10 +373,27 @@ class Conversations(kdistill.DataSource):
         log.info("data: %s as %s, %d training examples in %d rows (%d tokens, %d counted), %d validation examples",
                  os.path.basename(self._where()), self.format, len(train), self._n_train, tokens, counted, len(val))
 
-    def _used(self, present: list[str]) -> list[str]:
-        """The columns read: the format's, and completion_ids where prompt + completion rows have them."""
-        extra = [IDS] if self.format == "prompt-completion" and IDS in present else []
-        return list(dict.fromkeys(list((self._columns or {}).values()) + extra))
+    def _used(self) -> list[str]:
+        """The columns read: the format's, and completion_ids where they are taken as they are."""
+        return list(dict.fromkeys(list((self._columns or {}).values()) + ([IDS] if self._ids else [])))
+
+    def _takes_ids(self, present: list[str]) -> bool:
+        """Whether prompt + completion rows' completion_ids are the student's token ids: only when the folder that
+        holds them says they came from a tokenizer with the student's vocabulary (else the text is re-encoded)."""
+        if self.format != "prompt-completion" or IDS not in present:
+            return False
+        for i, path in enumerate(self.options.paths):
+            folder = resolve_path(path, f"data.options.paths[{i}]")
+            try:
+                manifest = json.loads((folder / GENERATION_MANIFEST).read_text())
+            except (OSError, ValueError):
+                manifest = None
+            written = ((manifest or {}).get("vocabulary") or {}).get("tokenizer") if isinstance(manifest, dict) else None
+            if written != vocab_digest(self._tokenizer):
+                log.info("data: %s: %s re-encoded from the answers' text (not written with the student's vocabulary)",
+                         path, IDS)
+                return False
+        return True
 
     def _check_template(self) -> None:
         if self.format == "messages" or (self.format in ("prompt-completion", "prompt") and self.options.chat_template):
@@ -477,7 +496,7 @@ class Conversations(kdistill.DataSource):
         stop = None if o.max_examples is None else o.first + o.max_examples
         table = read_table(o.paths, "data.options.paths", o.split, streaming=True)
         if self._columns is not None and table.column_names:  # known once the first row was read
-            table = table.select_columns(self._used(table.column_names))
+            table = table.select_columns(self._used())
         for row, record in enumerate(table.skip(o.first) if o.first else table, start=o.first):
             if stop is not None and row >= stop:
                 return
@@ -502,6 +521,7 @@ class Conversations(kdistill.DataSource):
         except StopIteration:
             raise ConfigError(f"data.options.first: {o.first} skips every row of {self._where()}") from None
         self.format, self._columns = self._format(list(first))
+        self._ids = self._takes_ids(list(first))
         self._check_template()
         cap = (o.max_val_examples or 0) if o.val_fraction > 0 else 0
         val: list[Example] = []

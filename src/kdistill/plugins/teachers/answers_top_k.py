@@ -21,7 +21,7 @@ from pydantic import Field
 import kdistill
 from kdistill import IGNORE_INDEX, ConfigError, KdistillError, resolve_path
 from kdistill.plugins.generators.teacher_answers import TOP_K
-from kdistill.plugins.teachers.cache_store import ENCODING, decode_top_k, vocab_digest, weights_digest
+from kdistill.plugins.teachers.cache_store import ENCODING, check_top_k_losses, decode_top_k, vocab_digest, weights_digest
 from kdistill.plugins.teachers.cached import SourceOptions, teacher_present
 from kdistill.plugins.teachers.hf import HFTeacher
 from kdistill.toolkit import GENERATION_MANIFEST, load_tokenizer, read_table
@@ -88,7 +88,8 @@ class AnswersTopK(kdistill.TeacherProvider):
             if weights != (manifest.get("teacher") or {}).get("weights"):
                 raise ConfigError(f"teacher.options.source.model: the teacher at {source.model} has other weights than "
                                   f"the one that wrote the answers in {folder}")
-        self._check_losses(losses)
+        check_top_k_losses(losses, self.temperature, teacher=f"the {NAME} teacher", targets="the stored top-k",
+                           at="the stored top-k are at", field="generator.options.top_k_temperature")
         self.data = data
         table = read_table([str(folder)], "data.options.paths")
         self.answers = table.select_columns([IDS]).with_format("numpy")  # what prepare() checks: no top-k read
@@ -108,27 +109,6 @@ class AnswersTopK(kdistill.TeacherProvider):
             raise ConfigError(f"data.options.paths: the {NAME} teacher needs one folder written by kdistill generate "
                               f"with generator.options.top_k, not {', '.join(str(p) for p in paths)}")
         return folder
-
-    def _check_losses(self, losses) -> None:
-        for name, _, loss in losses:
-            if isinstance(loss, kdistill.FeatureLoss):
-                raise ConfigError(f"losses: '{name}' needs the teacher's hidden states or attention; the {NAME} teacher "
-                                  "has only top-k log-probabilities")
-            if not (isinstance(loss, kdistill.LogitLoss) and loss.needs_teacher):
-                continue
-            if not loss.supports_sparse:
-                raise ConfigError(f"losses: '{name}' is not defined on top-k targets; with the {NAME} teacher use "
-                                  "forward-kl, reverse-kl, jsd or skew-kl")
-            if not isinstance(loss.options, kdistill.TemperatureOptions):
-                continue
-            t = loss.options.temperature
-            if isinstance(t, kdistill.Schedule) and t.schedule != "constant":
-                raise ConfigError(f"losses: '{name}' schedules its temperature but the stored top-k are at one "
-                                  f"temperature, {self.temperature} (generator.options.top_k_temperature)")
-            t = kdistill.value_at(t, 0, 1)
-            if abs(t - self.temperature) > 1e-9 * t:
-                raise ConfigError(f"losses: '{name}' uses temperature {t} but the stored top-k are at {self.temperature} "
-                                  "(generator.options.top_k_temperature)")
 
     def _check_positions(self, data) -> None:
         """Every position that counts toward the loss has a stored target, the one of the token it predicts (only

@@ -49,6 +49,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
+import kdistill
 from kdistill import ConfigError, KdistillError, SparseTargets
 
 FORMAT = "kdistill-teacher-cache/2"  # 2: sha256 of every shard and of the index; the teacher known by its weights
@@ -130,6 +131,30 @@ def decode_top_k(ids: torch.Tensor, q: torch.Tensor, hi: torch.Tensor, lo: torch
     bins = bins - torch.logsumexp(bins, dim=-1, keepdim=True)
     return SparseTargets(ids=ids.long(), logprobs=bins[..., :-1].contiguous(), log_tail=bins[..., -1].contiguous(),
                          temperature=temperature)
+
+
+def check_top_k_losses(losses, temperature: float, *, teacher: str, targets: str, at: str, field: str) -> None:
+    """The losses a teacher of stored top-k targets can serve: logit losses defined on them, at the temperature
+    the targets were computed at. Messages name the teacher (`teacher`: "a cached teacher"), its targets
+    (`targets`: "the cached teacher's targets"; `at`: "the cached teacher's is") and the `field` that sets it."""
+    for name, _, loss in losses:
+        if isinstance(loss, kdistill.FeatureLoss):
+            raise ConfigError(f"losses: '{name}' needs the teacher's hidden states or attention; {teacher} has only "
+                              "top-k log-probabilities")
+        if not (isinstance(loss, kdistill.LogitLoss) and loss.needs_teacher):
+            continue
+        if not loss.supports_sparse:
+            raise ConfigError(f"losses: '{name}' is not defined on top-k targets; with {teacher} use forward-kl, "
+                              "reverse-kl, jsd or skew-kl")
+        if not isinstance(loss.options, kdistill.TemperatureOptions):
+            continue
+        t = loss.options.temperature
+        if isinstance(t, kdistill.Schedule) and t.schedule != "constant":
+            raise ConfigError(f"losses: '{name}' schedules its temperature but {targets} are at one temperature, "
+                              f"{temperature} ({field})")
+        t = kdistill.value_at(t, 0, 1)
+        if abs(t - temperature) > 1e-9 * t:
+            raise ConfigError(f"losses: '{name}' uses temperature {t} but {at} {temperature} ({field})")
 
 
 def _fsync(path: Path) -> None:

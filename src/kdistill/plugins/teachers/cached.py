@@ -14,7 +14,7 @@ from pydantic import Field
 
 import kdistill
 from kdistill import ConfigError, resolve_path
-from kdistill.plugins.teachers.cache_store import TeacherCache, vocab_digest, weights_digest, write_cache
+from kdistill.plugins.teachers.cache_store import TeacherCache, check_top_k_losses, vocab_digest, weights_digest, write_cache
 from kdistill.plugins.teachers.hf import HFTeacher
 from kdistill.toolkit import SET_HELP, fail, load_tokenizer, pick_device, plan_recipe, seed_everything
 
@@ -76,24 +76,9 @@ class CachedTeacher(kdistill.TeacherProvider):
             self.model = live.model
 
     def prepare(self, data, tokenizer, losses) -> None:
-        for name, _, loss in losses:
-            if isinstance(loss, kdistill.FeatureLoss):
-                raise ConfigError(f"losses: '{name}' needs the teacher's hidden states or attention; a cached teacher "
-                                  "has only top-k log-probabilities")
-            if isinstance(loss, kdistill.LogitLoss) and loss.needs_teacher:
-                if not loss.supports_sparse:
-                    raise ConfigError(f"losses: '{name}' is not defined on top-k targets; with a cached teacher use "
-                                      "forward-kl, reverse-kl, jsd or skew-kl")
-                if not isinstance(loss.options, kdistill.TemperatureOptions):
-                    continue
-                t = loss.options.temperature
-                if isinstance(t, kdistill.Schedule) and t.schedule != "constant":
-                    raise ConfigError(f"losses: '{name}' schedules its temperature but the cached teacher's targets "
-                                      f"are at one temperature, {self.options.temperature} (teacher.options.temperature)")
-                t = kdistill.value_at(t, 0, 1)
-                if abs(t - self.options.temperature) > 1e-9 * t:
-                    raise ConfigError(f"losses: '{name}' uses temperature {t} but the cached teacher's is "
-                                      f"{self.options.temperature} (teacher.options.temperature)")
+        check_top_k_losses(losses, self.options.temperature, teacher="a cached teacher",
+                           targets="the cached teacher's targets", at="the cached teacher's is",
+                           field="teacher.options.temperature")
         expected = {"data_fingerprint": data.fingerprint(), "tokenizer": vocab_digest(tokenizer), "k": self.options.k,
                     "temperature": self.options.temperature}
         source = self.options.source
