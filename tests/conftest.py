@@ -169,3 +169,18 @@ def chat_assets(assets, folder: Path) -> tuple[Path, dict]:
     path.write_text("".join(json.dumps({"prompt": f"{q} {i}", "completion": a}) + "\n" for i in range(4) for q, a in CHAT_QA))
     return teacher, {"name": "conversations", "options": {"paths": [str(path)], "seq_len": 64, "layout": "pad",
                                                           "val_fraction": 0.1}}
+
+
+def cli_result(*args) -> tuple[int, str, str]:
+    """Runs `kdistill ARGS` in this process; the exit code, stdout and stderr."""
+    from typer.testing import CliRunner
+
+    from kdistill.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    """Every shard of a generated folder, by name (for byte-for-byte comparisons)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.parquet"))}

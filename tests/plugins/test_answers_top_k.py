@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_generate import cli, shard_bytes
 
-from conftest import tiny_recipe
+from conftest import cli_result as cli
+from conftest import shard_bytes, tiny_recipe
 
 # like SmolLM2's: the end-of-turn token (here <eos>, a stop token) and then a newline after every turn
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>\n{% endfor %}"

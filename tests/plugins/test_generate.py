@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from conftest import tiny_recipe
+from conftest import cli_result as cli
+from conftest import shard_bytes, tiny_recipe
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -44,17 +44,6 @@ def recipe(assets, tmp_path: Path, output: Path, **options) -> Path:
     path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def cli(*args) -> tuple[int, str, str]:
-    from kdistill.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def shard_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.parquet"))}
 
 
 def test_generate_writes_a_dataset_of_greedy_answers_that_reads_back(chat_assets, tmp_path):
