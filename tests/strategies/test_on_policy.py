@@ -166,6 +166,35 @@ def test_what_on_policy_cannot_work_with_is_refused_before_anything_loads(tiny_a
     assert not (tmp_path / "run").exists()
 
 
+def test_an_answer_that_cannot_fit_after_the_longest_prompt_is_refused_before_training(tiny_assets, chat_teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    long_prompt = "the king shall speak of love and war"
+    rows = [{"prompt": q, "completion": a} for q, a in CHAT_QA] + [{"prompt": long_prompt, "completion": "no"}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:3] + rows[-1:] + rows[3:-1]))  # the long one is row 3
+    tokenizer = AutoTokenizer.from_pretrained(chat_teacher)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": long_prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    n = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])  # the prompt's tokens, counted apart
+    room = 64 + 1 - n  # rows hold seq_len + 1 tokens; the answer's last token is only a label
+    assert 0 < room < 64
+
+    def recipe(max_new_tokens):
+        raw = on_policy_recipe(tiny_assets, chat_teacher, tmp_path, max_new_tokens=max_new_tokens)
+        raw["data"]["options"].update(paths=[str(path)], val_fraction=0)
+        raw["evaluators"] = []
+        return raw
+
+    with pytest.raises(ConfigError) as err:
+        engine_for(recipe(room + 1)).build()
+    assert str(err.value) == (f"strategy.options.max_new_tokens: {room + 1} new tokens after the data's longest prompt "
+                              f"({n} tokens, {path} row 3) exceed data.options.seq_len 64; at most {room} fit (or raise "
+                              "seq_len)")
+    engine = engine_for(recipe(room))
+    engine.build()  # exactly room: the longest answer after the longest prompt fills a row of seq_len
+
+
 def test_a_cached_teacher_cannot_score_the_students_answers(tiny_assets, chat_teacher, tmp_path):
     raw = on_policy_recipe(tiny_assets, chat_teacher, tmp_path)
     raw["teacher"] = {"name": "cached", "options": {"path": str(tmp_path / "cache"), "k": 8,

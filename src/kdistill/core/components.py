@@ -441,6 +441,12 @@ class DataSource(Component):
         """The training sequences with these keys, as one batch (keys set)."""
         raise NotImplementedError(f"data source '{self.name}' gives its sequences no keys")
 
+    def longest_prompt(self) -> tuple[int, str] | None:
+        """The longest prompt among the training examples (tokens before the first counted one) and where
+        it is (`file row N`), so a strategy that answers prompts can check before training that its
+        answers fit; None where the source has no prompts or does not know them all ahead (a stream)."""
+        return None
+
 
 class Tracker(Component):
     """Where params, metrics and artifacts go."""
@@ -505,6 +511,7 @@ class TrainContext:
     total_steps: int = 1
     tokenizer: Any = None  # the student's
     rank: int = 0  # this process's rank (distributed runs)
+    data: DataSource | None = None  # the run's data, set up
     extra: dict[str, Any] = field(default_factory=dict)
 
 

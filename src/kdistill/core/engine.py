@@ -82,7 +82,7 @@ class Engine:
         self.strategy = required(plan.build("strategy", kinds.Strategy))
         self.context = kinds.TrainContext(student=self.student, teacher=self.teacher, losses=self.losses, needs=kinds.Needs(),
                                     layer_mapper=plan.build("layer_mapper", kinds.LayerMapper), tokenizer=self.tokenizer,
-                                    rank=getattr(self.backend, "rank", 0))
+                                    rank=getattr(self.backend, "rank", 0), data=self.data)
         self.strategy.setup(self.context)
         self.modules = dict(self.strategy.trainable())
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]

@@ -95,12 +95,27 @@ class OnPolicy(kdistill.Strategy):
         if tokenizer is None or not stop_ids(tokenizer):
             raise ConfigError("strategy: on-policy needs a tokenizer with an end-of-turn or end-of-sequence token, "
                               "so that sampled answers end")
+        self._check_room(context.data)
         self._stops = set(stop_ids(tokenizer))
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._stops)
         self._sampler: torch.nn.Module | None = None
         self._sampler_step: int | None = None
         self._counts = {"student_batches": 0.0, "sampled_answers": 0.0, "sampled_tokens": 0.0, "empty_answers": 0.0}
         self._counts_step = -1
+
+    def _check_room(self, data: kdistill.DataSource | None) -> None:
+        """Before training: the longest prompt and the longest answer must fit in seq_len (the width of the
+        data's own rows), so that no step meets a row it cannot hold."""
+        seq_len = getattr(getattr(data, "options", None), "seq_len", None)
+        longest = data.longest_prompt() if data is not None else None
+        if longest is None or not isinstance(seq_len, int):
+            return
+        n, where = longest
+        room = seq_len + 1 - n  # a row holds seq_len + 1 tokens (the last is only a label)
+        if self.options.max_new_tokens > room:
+            raise ConfigError(f"strategy.options.max_new_tokens: {self.options.max_new_tokens} new tokens after the data's "
+                              f"longest prompt ({n} tokens, {where}) exceed data.options.seq_len {seq_len}; at most "
+                              f"{max(room, 0)} fit (or raise seq_len)")
 
     def trainable(self):
         return {"student": self.context.student, **self.step.modules()}

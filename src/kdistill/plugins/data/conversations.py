@@ -448,6 +448,19 @@ class Conversations(kdistill.DataSource):
         self.train_keys()
         return self._batch(keys.long().tolist(), width=self.options.seq_len)
 
+    def longest_prompt(self) -> tuple[int, str] | None:
+        """The training examples' longest prompt: the tokens before the first counted one (all of a prompt
+        alone, less the padding token after it)."""
+        if self._n_train is None:
+            return None
+        longest: tuple[int, str] | None = None
+        for unit in self._units[:self._n_train]:
+            for ex in unit:
+                n = len(ex.ids) - 1 if self.format == "prompt" else next((i for i, c in enumerate(ex.counts) if c), 0)
+                if longest is None or n > longest[0]:
+                    longest = (n, f"{self._where()} row {ex.row}")
+        return longest
+
     @property
     def n_train(self) -> int | None:
         """Training units (rows when packed, examples when padded); None when streaming (not known ahead)."""
