@@ -111,19 +111,25 @@ class SparseTargets:
     """A teacher's top-k log-probabilities at `temperature`, their token ids and the tail mass.
 
     `ids` [..., k] (any integer type), `logprobs` [..., k], `log_tail` [...]: the log of the
-    probability of every token outside the top k (-inf when there is none).
+    probability of every token outside the top k (-inf when there is none). `label_logprobs` [...], where
+    the teacher gives it (a served teacher does): the log-probability at temperature 1 of each position's
+    actual next token, top k or not (what the sampled-token loss needs).
     """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     log_tail: torch.Tensor
     temperature: float
+    label_logprobs: torch.Tensor | None = None
 
     def rows(self, mask: torch.Tensor) -> "SparseTargets":
-        return SparseTargets(self.ids[mask], self.logprobs[mask], self.log_tail[mask], self.temperature)
+        label = self.label_logprobs[mask] if self.label_logprobs is not None else None
+        return SparseTargets(self.ids[mask], self.logprobs[mask], self.log_tail[mask], self.temperature, label)
 
     def slice(self, start: int, stop: int) -> "SparseTargets":
-        return SparseTargets(self.ids[start:stop], self.logprobs[start:stop], self.log_tail[start:stop], self.temperature)
+        label = self.label_logprobs[start:stop] if self.label_logprobs is not None else None
+        return SparseTargets(self.ids[start:stop], self.logprobs[start:stop], self.log_tail[start:stop], self.temperature,
+                             label)
 
 
 @dataclass

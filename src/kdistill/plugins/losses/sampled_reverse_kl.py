@@ -32,6 +32,8 @@ class SampledReverseKL(kdistill.LogitLoss):
     def rows(self, student, teacher, labels):
         log_ps = label_logprobs(upcast(student), labels)
         if isinstance(teacher, SparseTargets):
+            if teacher.label_logprobs is not None:  # the teacher gave each actual next token's (a served one)
+                return self._estimate(log_ps, upcast(teacher.label_logprobs))
             if teacher.temperature != 1:
                 raise ConfigError(f"losses: sampled-reverse-kl needs the teacher's log-probabilities at temperature 1, "
                                  f"not {teacher.temperature}")
@@ -44,6 +46,10 @@ class SampledReverseKL(kdistill.LogitLoss):
             log_pt = label_logprobs(upcast(teacher).detach(), labels)
         else:
             raise ValueError("loss 'sampled-reverse-kl' needs a teacher")
+        return self._estimate(log_ps, log_pt)
+
+    @staticmethod
+    def _estimate(log_ps: torch.Tensor, log_pt: torch.Tensor) -> torch.Tensor:
         penalty = (log_ps - log_pt).detach()
         surrogate = penalty * log_ps
         return penalty + surrogate - surrogate.detach()  # the value: the estimate; the gradient: REINFORCE's
