@@ -136,6 +136,8 @@ class ServedTeacher(kdistill.TeacherProvider):
                                      self.options.timeout_s).get("prompt")
             except KdistillError:
                 return None  # an id the server's vocabulary does not have
+            except ServerError as exc:
+                raise ConfigError(f"teacher.options.urls: {url} did not answer /detokenize ({exc})") from None
 
         def local(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -219,6 +221,7 @@ class ServedTeacher(kdistill.TeacherProvider):
         lengths = batch.attention_mask.sum(-1).tolist() if batch.attention_mask is not None else [width] * rows
         sequences = []
         for row, n in enumerate(lengths):
+            n = max(int(n), 1)  # a row with nothing in it is scored as its first token (and never counted)
             ids = batch.input_ids[row, :n].tolist()
             last = int(batch.labels[row, n - 1]) if n else IGNORE_INDEX
             # one token more, so that the server scores the row's last position too (its label, if counted)
