@@ -4,6 +4,7 @@ faults injected at will. The real vLLM server: test_served_teacher_vllm.py."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
@@ -211,6 +212,33 @@ def test_a_run_with_the_served_teacher_tracks_the_in_process_teacher(tiny_assets
     assert sorted(losses[0]) == [1, 2, 3, 4]
     assert all(losses[0][s] == pytest.approx(losses[1][s], rel=1e-4) for s in losses[0])
     assert stand_in.requests > 4
+
+
+def test_the_next_batches_are_fetched_while_the_student_trains_and_change_nothing(tiny_assets, student_dir, stand_in, tmp_path):
+    raw = served_recipe(tiny_assets, student_dir, tmp_path, stand_in.url)
+    raw["train"].update(grad_accum=2, steps=3)
+    engine = built(raw)
+    asked = []
+    fetch = engine.teacher._fetch
+    engine.teacher._fetch = lambda batch: (asked.append(batch.input_ids[0, :4].tolist()), fetch(batch))[1]
+    engine.train_step(0)
+    assert len(engine.teacher._ahead) == 2  # step 2's micro-batches, asked for before step 2 begins
+    concurrent.futures.wait(engine.teacher._ahead.values())
+    first = [engine.micro_batch(i).input_ids[0, :4].tolist() for i in range(4)]
+    assert asked == first  # step 1's two micro-batches, then step 2's, fetched ahead
+    engine.train_step(1)
+    concurrent.futures.wait(engine.teacher._ahead.values())
+    assert asked == first + [engine.micro_batch(i).input_ids[0, :4].tolist() for i in (4, 5)]  # only step 3's are new
+    engine.train_step(2)  # the last step: nothing ahead
+    assert len(asked) == 6 and not engine.teacher._ahead
+    kdistill.run(raw)
+    plain = json.loads(json.dumps(raw))
+    plain["teacher"]["options"]["prefetch"] = False
+    plain["output_dir"] = str(tmp_path / "plain")
+    kdistill.run(plain)
+    a = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def step_losses(run: Path) -> dict[int, float]:

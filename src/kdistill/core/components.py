@@ -181,6 +181,11 @@ class TeacherProvider(Component):
     def outputs(self, batch: Batch, needs: Needs) -> ModelOutputs:
         raise NotImplementedError
 
+    def prefetch(self, batches: list[Batch]) -> None:
+        """Batches whose `outputs` will be asked for soon, in order (the rest of this step's micro-batches, and
+        the next step's where the strategy trains on the data's own batches): a provider that fetches targets
+        from elsewhere starts on them now, so the wait overlaps training. Nothing by default."""
+
 
 class TemperatureOptions(Options):
     """The one declaration of a softening temperature. Logit losses that soften take their options

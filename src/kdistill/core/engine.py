@@ -234,6 +234,10 @@ class Engine:
         self.context.step, self.context.total_steps = step, t.steps
         indices = [step * t.grad_accum + j for j in range(t.grad_accum)]
         batches = [self.strategy.prepare_batch(self.micro_batch(i), i) for i in indices]
+        if self.teacher is not None and type(self.teacher).prefetch is not kinds.TeacherProvider.prefetch:
+            # a teacher that fetches its targets starts on them while the student trains
+            ahead = [self.micro_batch(i + t.grad_accum) for i in indices] if self._data_batches_ahead(step) else []
+            self.teacher.prefetch(batches + ahead)
         counted, inputs = (int(x) for x in backend.all_sum([sum(int(b.mask.sum()) for b in batches),
                                                             sum(b.input_ids.numel() for b in batches)]))
         self.context.total_tokens = max(counted, 1)
@@ -266,6 +270,11 @@ class Engine:
                             "stopping before it is saved (last checkpoint kept)")
         self.strategy.after_step()
         return metrics
+
+    def _data_batches_ahead(self, step: int) -> bool:
+        """Whether the next step trains on the data's own micro-batches (so they can be fetched ahead): a strategy
+        that makes its own (on-policy) does not say so until that step."""
+        return step + 1 < self.recipe.train.steps and type(self.strategy).prepare_batch is kinds.Strategy.prepare_batch
 
     def _not_finite(self, step: int, what: str) -> dict[str, float]:
         """A NaN/inf loss or gradient: stop (default) or, with `train.on_nonfinite: skip`, drop the

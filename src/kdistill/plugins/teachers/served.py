@@ -10,6 +10,10 @@ softened here: log p_T(i) = log p(i) / T - log Z_T over the top k, with the tail
 over the tokens outside the top k (exact at T = 1; at T > 1 it puts a little too much mass in the tail, at
 T < 1 too little).
 
+With `prefetch` (the default) the engine hands the provider the batches it will ask for next (the step's
+later micro-batches, and the next step's where the strategy trains on the data's own batches), and their
+requests run in a background thread while the student trains.
+
 Failures: a server that does not answer at the start is one line naming its URL within
 `connect_timeout_s`; a request that fails mid-run (connection refused, timeout, HTTP 5xx or 429) is retried
 with exponential backoff on the next URL in turn, each retry logged, and after `retries` tries the run stops
@@ -20,6 +24,7 @@ short, or for other positions is an error at once, never used.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import math
@@ -68,6 +73,8 @@ class ServedTeacher(kdistill.TeacherProvider):
         backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubled at each further one")
         api_key_env: str | None = Field(None, description="environment variable holding the server's API key "
                                         "(sent as a bearer token; never logged or stored)")
+        prefetch: bool = Field(True, description="ask for the targets of the step's later micro-batches, and of the next "
+                               "step's where they are the data's own, while the student trains")
 
         @pydantic.field_validator("urls")
         @classmethod
@@ -211,9 +218,31 @@ class ServedTeacher(kdistill.TeacherProvider):
 
     # ------------------------------------------------------------------ targets
 
+    def prefetch(self, batches: list[kdistill.Batch]) -> None:
+        if not self.options.prefetch:
+            return
+        if not hasattr(self, "_ahead"):
+            self._ahead: dict[str, concurrent.futures.Future] = {}
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kdistill-teacher")
+        wanted = {_key(batch): batch for batch in batches}
+        for key in list(self._ahead):  # a batch no longer coming (the run moved on)
+            if key not in wanted:
+                self._ahead.pop(key).cancel()
+        for key, batch in wanted.items():
+            if key not in self._ahead:
+                self._ahead[key] = self._worker.submit(self._fetch, batch.to(torch.device("cpu")))
+
     def outputs(self, batch: kdistill.Batch, needs: kdistill.Needs) -> kdistill.ModelOutputs:
         if needs.hidden_layers or needs.attention_layers:
             raise ConfigError("a served teacher has no hidden states or attention maps")
+        pending = getattr(self, "_ahead", {}).pop(_key(batch), None)
+        sparse = pending.result() if pending is not None else self._fetch(batch.to(torch.device("cpu")))
+        move = lambda x: x.to(batch.input_ids.device)  # noqa: E731
+        return kdistill.ModelOutputs(sparse=kdistill.SparseTargets(
+            move(sparse.ids), move(sparse.logprobs), move(sparse.log_tail), sparse.temperature, move(sparse.label_logprobs)))
+
+    def _fetch(self, batch: kdistill.Batch) -> kdistill.SparseTargets:
+        """The batch's targets from the servers (on the CPU)."""
         if batch.position_ids is not None:
             raise ConfigError("data.options.layout: a served teacher scores each row as one sequence, so packed rows "
                               "would attend across examples there; use layout: pad")
@@ -223,7 +252,7 @@ class ServedTeacher(kdistill.TeacherProvider):
         for row, n in enumerate(lengths):
             n = max(int(n), 1)  # a row with nothing in it is scored as its first token (and never counted)
             ids = batch.input_ids[row, :n].tolist()
-            last = int(batch.labels[row, n - 1]) if n else IGNORE_INDEX
+            last = int(batch.labels[row, n - 1])
             # one token more, so that the server scores the row's last position too (its label, if counted)
             sequences.append(ids + [last if last != IGNORE_INDEX else ids[-1]])
         if self.max_model_len is not None and max(map(len, sequences)) > self.max_model_len:
@@ -233,10 +262,10 @@ class ServedTeacher(kdistill.TeacherProvider):
                   for i in range(0, rows, self.options.sequences_per_request)]
         with concurrent.futures.ThreadPoolExecutor(min(self.options.max_concurrent, len(groups))) as pool:
             scored = [entry for part in pool.map(self._scored, groups) for entry in part]
-        return kdistill.ModelOutputs(sparse=self._targets(sequences, scored, width, batch.input_ids.device))
+        return self._targets(sequences, scored, width)
 
-    def _targets(self, sequences: list[list[int]], scored: list[list[tuple[torch.Tensor, torch.Tensor, float]]], width: int,
-                 device) -> kdistill.SparseTargets:
+    def _targets(self, sequences: list[list[int]], scored: list[list[tuple[torch.Tensor, torch.Tensor, float]]],
+                 width: int) -> kdistill.SparseTargets:
         """Top-k ids and log-probabilities at T, tail mass and each next token's log-probability, [rows, width, ...];
         padding positions hold a one-token distribution (never counted)."""
         k, rows = self.options.k, len(sequences)
@@ -257,8 +286,16 @@ class ServedTeacher(kdistill.TeacherProvider):
             tail_t = spread / t + math.log(max(vocab - k, 1))
             z = torch.logsumexp(torch.cat([top / t, tail_t.unsqueeze(-1)], -1), -1)
             top, tail = top / t - z.unsqueeze(-1), tail_t - z
-        move = lambda x: x.to(device)  # noqa: E731
-        return kdistill.SparseTargets(move(ids), move(top.float()), move(tail.float()), t, move(label.float()))
+        return kdistill.SparseTargets(ids, top.float(), tail.float(), t, label.float())
+
+
+def _key(batch: kdistill.Batch) -> str:
+    """What identifies a batch's targets: its ids, mask and labels (the last label is sent too)."""
+    digest = hashlib.sha256()
+    for part in (batch.input_ids, batch.attention_mask, batch.labels):
+        if part is not None:
+            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _first_line(text: str) -> str:
