@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="the server's --dtype")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-served"))
     parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python")
+    parser.add_argument("--train-steps", type=int, default=4, help="steps per round of the prefetch comparison (0: skip)")
     args = parser.parse_args()
 
     import kdistill
@@ -119,6 +120,7 @@ def main() -> None:
             sparse = served.outputs(batch, kdistill.Needs()).sparse
             times[f"served (vLLM, {args.dtype})"].append(time.perf_counter() - began)
             agree.append(float((sparse.ids[..., 0] == top_ids[..., 0]).float().mean()))
+        steps = prefetch_steps(folder, url, args) if args.train_steps else {}
         body = json.dumps(served._body([row + [0] for row in batch.input_ids.tolist()[:1]])).encode()
         request = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=300) as response:
@@ -138,6 +140,63 @@ def main() -> None:
     print(f"\nJSON answer: {size:,} bytes for one row of {width + 1} tokens = {size / width:,.0f} bytes per position "
           f"(k = {args.k}); for the batch ~{size * args.rows / 2**20:.1f} MiB")
     print(f"top-1 agreement served vs in-process: {statistics.mean(agree):.3f} (the server runs {args.dtype})")
+    if steps:
+        off = statistics.median(steps["prefetch off"])
+        print(f"\nTraining steps with the served teacher (student: the teacher's first 6 layers, batch 4 x 2 micro-batches "
+              f"x {width} tokens), median of {len(steps['prefetch off'])} steps each, taking turns:\n")
+        print("| served teacher | s per step | vs no prefetch |")
+        print("|---|---|---|")
+        for name, values in steps.items():
+            print(f"| {name} | {statistics.median(values):.2f} | {statistics.median(values) / off:.2f}x |")
+
+
+def prefetch_steps(folder: Path, url: str, args) -> dict[str, list[float]]:
+    """Two offline runs on the served teacher, prefetch on and off, taking turns of `--train-steps` steps; the
+    first step of each turn is left out (its targets may have been fetched during the other run's turn)."""
+    from kdistill.core.config import resolve
+    from kdistill.core.engine import Engine
+    from kdistill.core.plugins import make_plugin_manager
+    from kdistill.core.registry import Registry
+
+    engines = {}
+    for name, prefetch in (("prefetch off", False), ("prefetch on", True)):
+        raw = {"student": {"model": str(student_folder(folder, args.workdir))},
+               "teacher": {"name": "vllm", "options": {"urls": [url], "model": "teacher", "k": args.k, "prefetch": prefetch}},
+               "data": {"name": "text-files", "options": {"paths": ["pkg://microgpt/input.txt"], "seq_len": args.seq_len,
+                                                           "val_fraction": 0.01, "max_val_blocks": 4}},
+               "losses": [{"name": "forward-kl", "weight": 1.0}], "evaluators": [], "tracker": {"name": "jsonl"},
+               "train": {"steps": 1 + args.train_steps * args.rounds, "batch_size": 4, "grad_accum": 2, "lr": 1e-4},
+               "output_dir": str(args.workdir / name.replace(" ", "-"))}
+        pm = make_plugin_manager()
+        registry = Registry.from_plugins(pm)
+        engine = Engine(resolve(raw, registry), pm, registry)
+        engine.build()
+        engines[name] = engine
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for engine in engines.values():
+        engine.train_step(0)  # warm-up
+    for r in range(args.rounds):
+        for name, engine in engines.items():
+            for j in range(args.train_steps):
+                began = time.perf_counter()
+                engine.train_step(1 + r * args.train_steps + j)
+                if j > 0:  # a turn's first step may have been fetched during the other run's turn
+                    times[name].append(time.perf_counter() - began)
+    return times
+
+
+def student_folder(teacher: Path, workdir: Path) -> Path:
+    """The teacher's first 6 of 30 layers as a model folder (a served teacher has no weights to cut from)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdistill.toolkit import student_from_teacher
+
+    folder = workdir / "student-6-layers"
+    if not (folder / "model.safetensors").exists():
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+        student_from_teacher(model, [0, 1, 2, 3, 4, 5], "float32").save_pretrained(folder, safe_serialization=True)
+        AutoTokenizer.from_pretrained(teacher).save_pretrained(folder)
+    return folder
 
 
 class _NoData:

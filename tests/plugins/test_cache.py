@@ -67,13 +67,13 @@ def test_a_cache_killed_mid_shard_and_resumed_equals_one_written_in_one_go(tiny_
     path = write_recipe(tmp_path / "cut.yaml", cut)
     killer = ("import os, signal, sys\n"
               "import kdistill.plugins.teachers.cache_store as c\n"
-              "original, calls = c._teacher_logits, [0]\n"
+              "original, calls = c._encoded, [0]\n"
               "def dying(*a):\n"
               "    calls[0] += 1\n"
               "    if calls[0] == 4:  # the second batch of shard 1: shard 0 is written, shard 1 half computed\n"
               "        os.kill(os.getpid(), signal.SIGKILL)\n"
               "    return original(*a)\n"
-              "c._teacher_logits = dying\n"
+              "c._encoded = dying\n"
               "from kdistill.cli import app\n"
               f"sys.argv = ['kdistill', 'cache-teacher', {str(path)!r}]\n"
               "app()\n")

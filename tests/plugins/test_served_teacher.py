@@ -441,3 +441,37 @@ def test_the_api_key_is_sent_and_never_written(tiny_assets, student_dir, tmp_pat
     assert any(h.get("Authorization") == f"Bearer {secret}" for h in server.headers)
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert written and not any(secret.encode() in p.read_bytes() for p in written)
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def test_cache_teacher_from_a_served_teacher_equals_one_from_the_in_process_teacher(tiny_assets, student_dir, stand_in, tmp_path):
+    from conftest import cli_result, write_recipe
+    from kdistill.plugins.teachers.cache_store import TeacherCache
+
+    def cache_recipe(name: str, teacher_options: dict) -> dict:
+        raw = served_recipe(tiny_assets, student_dir, tmp_path, stand_in.url, temperature=2.0)
+        raw["teacher"] = {"name": "cached", "options": {"path": str(tmp_path / name), "k": 8, "temperature": 2.0,
+                                                        "shard_sequences": 8, **teacher_options}}
+        raw["data"]["options"]["max_train_blocks"] = 12
+        raw["output_dir"] = str(tmp_path / f"run-{name}")
+        return raw
+
+    remote = cache_recipe("served-cache", {"served": {"urls": [stand_in.url], "model": MODEL, "k": 99}})
+    local = cache_recipe("local-cache", {"source": {"model": tiny_assets["teacher"]}})
+    for raw in (remote, local):
+        code, stdout, stderr = cli_result("cache-teacher", write_recipe(tmp_path / f"{Path(raw['output_dir']).name}.yaml", raw))
+        assert code == 0, stderr
+        assert "teacher cache: 12 sequences" in stdout
+    a, b = TeacherCache(tmp_path / "served-cache"), TeacherCache(tmp_path / "local-cache")
+    keys = torch.tensor(sorted(a))
+    assert keys.tolist() == sorted(b) and len(keys) == 12
+    x, y = a.lookup(keys), b.lookup(keys)
+    assert torch.equal(x.ids, y.ids)  # the served request used the cache's k (8), not the served options' 99
+    assert torch.allclose(x.logprobs, y.logprobs, atol=0.05) and torch.allclose(x.log_tail, y.log_tail, atol=0.05)
+    assert a.manifest["teacher"] == {"provider": "vllm", "model": MODEL}
+    stand_in.fail = -1  # training from the cache needs no server
+    kdistill.run(remote)
+    trained = step_losses(Path(remote["output_dir"]))
+    assert sorted(trained) == [1, 2, 3, 4] and all(math.isfinite(v) for v in trained.values())

@@ -119,6 +119,11 @@ def encode_top_k(logits: torch.Tensor, k: int, temperature: float, vocab_size: i
     `logits` [..., V]: ids (the smallest type the vocabulary fits), q, hi, lo and log_tail; and the largest
     error of a stored log-probability."""
     top, ids, tail = top_k_targets(logits, k, temperature)
+    return encode_targets(top, ids, tail, vocab_size)
+
+
+def encode_targets(top: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, vocab_size: int) -> tuple[dict[str, torch.Tensor], float]:
+    """The stored form of top-k targets given as they are (sorted high to low; a served teacher's)."""
     q, hi, lo = quantize(top)
     worst = float((dequantize(q, hi, lo) - top).abs().max()) if top.numel() else 0.0
     return {"ids": ids.to(ids_dtype(vocab_size)), "q": q, "hi": hi, "lo": lo, "log_tail": tail.half()}, worst
@@ -281,16 +286,16 @@ def weights_digest(model: Path, gguf_file: str | None = None, field: str = "teac
 
 def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shard_sequences: int, batch_size: int,
                 device: torch.device, teacher_identity: dict[str, Any], overwrite: bool = False,
-                progress: bool = True) -> dict[str, Any]:
-    """Run `teacher` once over every training sequence of `data` and write the cache to `folder`.
+                progress: bool = True, tokenizer: Any = None) -> dict[str, Any]:
+    """Run `teacher` once over every training sequence of `data` and write the cache to `folder`: a teacher
+    with a model gives logits (their top k are taken here), one without (served) its top-k targets at
+    `temperature` as they are (`tokenizer`: then the student's, which the server's was checked against).
 
     Resumes an interrupted write (same manifest identity) at the first missing shard.
     """
-    from kdistill import Needs
-
     keys = data.train_keys()
-    tokenizer = teacher.tokenizer
-    vocab = teacher.model.get_output_embeddings().weight.shape[0]
+    tokenizer = tokenizer if tokenizer is not None else teacher.tokenizer
+    vocab = teacher.model.get_output_embeddings().weight.shape[0] if teacher.model is not None else len(tokenizer)
     if k > vocab:
         raise ConfigError(f"teacher.options.k: {k} is more than the teacher's {vocab} tokens")
     seq_len = data.batch_for_keys(keys[:1]).input_ids.shape[1]
@@ -339,7 +344,7 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
         for start in range(0, len(shard_keys), batch_size):
             batch = data.batch_for_keys(shard_keys[start:start + batch_size]).to(device)
             bar.update(batch.input_ids.shape[0])
-            encoded, error = encode_top_k(_teacher_logits(teacher, batch, Needs), k, temperature, vocab)
+            encoded, error = _encoded(teacher, batch, k, temperature, vocab)
             worst = max(worst, error)
             for name, value in encoded.items():
                 parts[name].append(value.cpu())
@@ -388,10 +393,17 @@ def _write_index(folder: Path, n_shards: int) -> None:
     os.replace(tmp, folder / INDEX)
 
 
-def _teacher_logits(teacher, batch, needs_cls) -> torch.Tensor:
-    """The teacher's logits for a batch: the cost the cache saves every later run."""
-    out = teacher.outputs(batch, needs_cls(logits=True))
-    return out.logits
+def _encoded(teacher, batch, k: int, temperature: float, vocab: int) -> tuple[dict[str, torch.Tensor], float]:
+    """The teacher's targets for a batch, encoded (the cost the cache saves every later run)."""
+    from kdistill import Needs
+
+    out = teacher.outputs(batch, Needs(logits=True))
+    if out.sparse is None:
+        return encode_top_k(out.logits, k, temperature, vocab)
+    sparse = out.sparse
+    if sparse.ids.shape[-1] != k or sparse.temperature != temperature:
+        raise ConfigError(f"teacher: targets of k={sparse.ids.shape[-1]} at T={sparse.temperature}, not k={k} at T={temperature}")
+    return encode_targets(sparse.logprobs, sparse.ids, sparse.log_tail, vocab)
 
 
 def _stats(folder: Path, n_shards: int, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import kdistill
 from kdistill import ConfigError, resolve_path
 from kdistill.plugins.teachers.cache_store import TeacherCache, check_top_k_losses, vocab_digest, weights_digest, write_cache
 from kdistill.plugins.teachers.hf import HFTeacher
+from kdistill.plugins.teachers.served import ServedTeacher
 from kdistill.toolkit import SET_HELP, fail, load_tokenizer, pick_device, plan_recipe, seed_everything
 
 
@@ -55,6 +56,8 @@ class CachedTeacher(kdistill.TeacherProvider):
     class Options(kdistill.ConstantTemperatureOptions):  # the temperature the log-probabilities are computed at
         path: str = Field(description="the cache folder")
         source: SourceOptions | None = Field(None, description="the live teacher the cache is computed from")
+        served: ServedTeacher.Options | None = Field(None, description="or: a vLLM server the cache is computed from "
+                                                     "(the vllm teacher's options; k and temperature are the cache's)")
         k: int = Field(64, ge=1, description="log-probabilities kept per position")
         shard_sequences: int = Field(256, ge=1, description="sequences per shard file")
         load_source: bool = Field(False, description="also load the source model's weights (for a from_teacher "
@@ -88,6 +91,8 @@ class CachedTeacher(kdistill.TeacherProvider):
         elif source is not None:
             expected["teacher"] = source_identity(source)
             self.cache.check_teacher(expected["teacher"], source.model)
+        elif self.options.served is not None:  # a served teacher's weights cannot be read: its name stands for them
+            expected["teacher"] = served_identity(self.options.served)
         self.cache.check(expected)
 
     def outputs(self, batch: kdistill.Batch, needs: kdistill.Needs) -> kdistill.ModelOutputs:
@@ -103,6 +108,10 @@ class CachedTeacher(kdistill.TeacherProvider):
                                                                    move(sparse.log_tail), sparse.temperature))
 
 
+def served_identity(options: ServedTeacher.Options) -> dict:
+    return {"provider": ServedTeacher.name, "model": options.model}
+
+
 def cache_folder(options: CachedTeacher.Options) -> Path:
     return resolve_path(options.path, "teacher.options.path")
 
@@ -110,14 +119,18 @@ def cache_folder(options: CachedTeacher.Options) -> Path:
 def cache_from_plan(plan, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """`kdistill cache-teacher`: the recipe's `cached` teacher names its live `source`; run that once."""
     resolved = plan.one("teacher")
-    if resolved is None or not issubclass(resolved.entry.cls, CachedTeacher) or resolved.options.source is None:
+    if resolved is None or not issubclass(resolved.entry.cls, CachedTeacher) or \
+            (resolved.options.source is None) == (resolved.options.served is None):
         raise ConfigError("teacher: cache-teacher needs a teacher {name: cached, options: {path: ..., source: {model: ...}}} "
-                          "(source: the live teacher to compute the cache from)")
+                          "(source: the live teacher to compute the cache from; or served: {urls: [...], model: ...}, "
+                          "a vLLM server; one of the two)")
     options, train = resolved.options, plan.recipe.train
     seed_everything(train.seed)
     if train.num_threads:
         torch.set_num_threads(train.num_threads)
     device = pick_device(train.device)
+    if options.served is not None:
+        return cache_from_server(plan, options, device, overwrite, progress)
     live = HFTeacher(options.source)
     live.load(device)
     data = plan.one("data").build()
@@ -126,6 +139,26 @@ def cache_from_plan(plan, overwrite: bool = False, progress: bool = True) -> dic
                        shard_sequences=options.shard_sequences, batch_size=train.eval_batch_size or train.batch_size,
                        device=device, teacher_identity=source_identity(options.source), overwrite=overwrite,
                        progress=progress)
+
+
+def cache_from_server(plan, options: CachedTeacher.Options, device, overwrite: bool, progress: bool) -> dict[str, Any]:
+    """The cache from a vLLM server: the data tokenized with the student's tokenizer, which must be the server's."""
+    student = plan.recipe.student
+    if student.tokenizer is None and student.model is None:
+        raise ConfigError("student.tokenizer: a cache from a served teacher tokenizes the data with the student's "
+                          "tokenizer; give student.model or student.tokenizer")
+    field = "student.tokenizer" if student.tokenizer else "student.model"
+    tokenizer = load_tokenizer(str(resolve_path(student.tokenizer or student.model, field)), field)
+    assert options.served is not None
+    live = ServedTeacher(options.served.model_copy(update={"k": options.k, "temperature": options.temperature}))
+    live.load(device)
+    data = plan.one("data").build()
+    data.setup(tokenizer, plan.recipe.train.seed)
+    live.prepare(data, tokenizer, [])
+    return write_cache(live, data, cache_folder(options), k=options.k, temperature=options.temperature,
+                       shard_sequences=options.shard_sequences, batch_size=plan.recipe.train.eval_batch_size or
+                       plan.recipe.train.batch_size, device=device, teacher_identity=served_identity(options.served),
+                       overwrite=overwrite, progress=progress, tokenizer=tokenizer)
 
 
 @kdistill.hookimpl
