@@ -204,7 +204,7 @@ class ServedTeacher(kdistill.TeacherProvider):
             try:
                 answer = self._request(url, "/v1/completions", self._body(prompts), o.timeout_s)
             except ServerError as exc:
-                if attempt >= o.retries:
+                if attempt >= o.retries or getattr(self, "_stopping", False):
                     raise KdistillError(f"teacher.options.urls: {url} did not answer ({exc}) after {attempt + 1} tries; "
                                         "training stopped, the checkpoints written so far are kept") from None
                 wait = o.backoff_s * 2 ** attempt
@@ -236,10 +236,21 @@ class ServedTeacher(kdistill.TeacherProvider):
         if needs.hidden_layers or needs.attention_layers:
             raise ConfigError("a served teacher has no hidden states or attention maps")
         pending = getattr(self, "_ahead", {}).pop(_key(batch), None)
-        sparse = pending.result() if pending is not None else self._fetch(batch.to(torch.device("cpu")))
+        try:
+            sparse = pending.result() if pending is not None else self._fetch(batch.to(torch.device("cpu")))
+        except Exception:
+            self._stop_fetching()
+            raise
         move = lambda x: x.to(batch.input_ids.device)  # noqa: E731
         return kdistill.ModelOutputs(sparse=kdistill.SparseTargets(
             move(sparse.ids), move(sparse.logprobs), move(sparse.log_tail), sparse.temperature, move(sparse.label_logprobs)))
+
+    def _stop_fetching(self) -> None:
+        """The run is stopping: batches fetched ahead are dropped, and one in flight gives up retrying, so that
+        the process can end at once."""
+        self._stopping = True
+        for future in getattr(self, "_ahead", {}).values():
+            future.cancel()
 
     def _fetch(self, batch: kdistill.Batch) -> kdistill.SparseTargets:
         """The batch's targets from the servers (on the CPU)."""
