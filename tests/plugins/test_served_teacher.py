@@ -44,10 +44,14 @@ class Stand_in:
                 pass
 
             def reply(self, code: int, body) -> None:
-                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+                cut = isinstance(body, tuple)  # ("cut", bytes): the connection ends before the promised length
+                raw = body[1] if cut else body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
+                self.send_header("Content-Length", str(len(raw) + (1000 if cut else 0)))
+                if cut:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
                 self.wfile.write(raw)
 
@@ -341,6 +345,23 @@ def test_a_busy_server_is_retried_with_each_retry_logged(tiny_assets, student_di
     retries = [r.getMessage() for r in caplog.records if "did not answer" in r.getMessage()]
     assert retries == [f"teacher: {stand_in.url} did not answer (HTTP 503: busy); try 1 of 3 in 0.0 s",
                        f"teacher: {stand_in.url} did not answer (HTTP 503: busy); try 2 of 3 in 0.0 s"]
+
+
+def test_an_answer_cut_off_in_transit_is_asked_for_again(tiny_assets, student_dir, stand_in, tmp_path):
+    engine = built(served_recipe(tiny_assets, student_dir, tmp_path, stand_in.url))
+    batch = engine.data.train_batch(0, 2)
+    expected = engine.teacher.outputs(batch, kdistill.Needs()).sparse
+    cuts = []
+
+    def cut_once(answer):
+        if cuts:
+            return answer
+        cuts.append(1)
+        return ("cut", json.dumps(answer).encode()[:5000])
+
+    stand_in.mangle = cut_once
+    got = engine.teacher.outputs(batch, kdistill.Needs()).sparse
+    assert cuts == [1] and torch.equal(got.ids, expected.ids) and torch.equal(got.logprobs, expected.logprobs)
 
 
 def test_requests_go_to_every_url_in_turn(tiny_assets, student_dir, stand_in, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import http.client
 import json
 import logging
 import math
@@ -184,7 +185,7 @@ class ServedTeacher(kdistill.TeacherProvider):
             if exc.code in RETRY_HTTP:
                 raise ServerError(f"HTTP {exc.code}: {said}") from None
             raise KdistillError(f"teacher.options.urls: {url}{path} refused the request (HTTP {exc.code}: {said})") from None
-        except (urllib.error.URLError, OSError) as exc:  # refused, reset, unreachable, timed out
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, cut off, timed out
             reason = getattr(exc, "reason", exc)
             raise ServerError(str(reason) or type(exc).__name__) from None
         try:
