@@ -132,11 +132,8 @@ def main() -> None:
     base = statistics.median(times["in-process (hf, float32)"])
     print(f"\n{args.rows} rows x {width} tokens, k = {args.k}, median of {args.rounds} rounds (taking turns); "
           f"vocabulary check at the start: {check_s:.1f} s\n")
-    print("| teacher | s per batch | tokens/s | time vs in-process |")
-    print("|---|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {tokens / median:,.0f} | {median / base:.2f}x |")
+    table(["teacher", "s per batch", "tokens/s", "time vs in-process"],
+          [[name, f"{m:.3f}", f"{tokens / m:,.0f}", f"{m / base:.2f}x"] for name, m in medians(times).items()])
     print(f"\nJSON answer: {size:,} bytes for one row of {width + 1} tokens = {size / width:,.0f} bytes per position "
           f"(k = {args.k}); for the batch ~{size * args.rows / 2**20:.1f} MiB")
     print(f"top-1 agreement served vs in-process: {statistics.mean(agree):.3f} (the server runs {args.dtype})")
@@ -144,10 +141,18 @@ def main() -> None:
         off = statistics.median(steps["prefetch off"])
         print(f"\nTraining steps with the served teacher (student: the teacher's first 6 layers, batch 4 x 2 micro-batches "
               f"x {width} tokens), median of {len(steps['prefetch off'])} steps each, taking turns:\n")
-        print("| served teacher | s per step | vs no prefetch |")
-        print("|---|---|---|")
-        for name, values in steps.items():
-            print(f"| {name} | {statistics.median(values):.2f} | {statistics.median(values) / off:.2f}x |")
+        table(["served teacher", "s per step", "vs no prefetch"],
+              [[name, f"{m:.2f}", f"{m / off:.2f}x"] for name, m in medians(steps).items()])
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def table(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table on stdout."""
+    for cells in [header, ["---"] * len(header), *rows]:
+        print("| " + " | ".join(cells) + " |")
 
 
 def prefetch_steps(folder: Path, url: str, args) -> dict[str, list[float]]:
