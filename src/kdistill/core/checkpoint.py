@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -68,10 +68,41 @@ def os_error_of(exc: Exception, path: Path) -> OSError:
     return OSError(code, os.strerror(code), str(path))
 
 
+ALIASES = "kdistill.aliases"  # safetensors metadata: tensors stored once under another name (tied weights)
+
+
+def _unique(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors that are the same memory (a tied embedding and output matrix) kept once: the rest
+    become aliases {name: stored name}, so a checkpoint holds each weight a single time."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in tensors.items():
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen.setdefault(key, name)
+            unique[name] = tensor
+    return unique, aliases
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A file `_save_tensors` wrote, its aliases restored (the same tensor under each tied name)."""
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get(ALIASES, "{}"))
+    for name, stored in aliases.items():
+        tensors[name] = tensors[stored]
+    return tensors
+
+
 def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    # clone: tied weights share storage, which safetensors refuses to write twice
+    unique, aliases = _unique(tensors)
+    # clone: a view into a larger storage would otherwise write the whole storage
     try:
-        save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
+        save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in unique.items()}, str(path),
+                  metadata={ALIASES: json.dumps(aliases)} if aliases else None)
     except SafetensorError as exc:
         raise os_error_of(exc, path) from None
     with open(path, "rb+") as handle:
@@ -327,7 +358,7 @@ def load_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer: tor
     reason = verify_contents(path)
     if reason is not None:
         raise KdistillError(reason)
-    tensors = lambda p: load_file(str(p))  # noqa: E731
+    tensors = _load_tensors
     text = lambda p: json.loads(p.read_text())  # noqa: E731
     weights = _read(path / "model.safetensors", tensors)
 
