@@ -529,7 +529,9 @@ class TrainContext:
 @dataclass
 class EvalContext:
     """What an evaluator gets. `phase` is "before" (ahead of training), "during" or "final";
-    `log_artifact(path, folder)` sends a file (a table, a plot) to the run's tracker."""
+    `log_artifact(path, folder)` sends a file (a table, a plot) to the run's tracker. Batches read
+    from `val_batches` show as progress by themselves; an evaluator that works otherwise (generating
+    answers) says how far it is with `report`."""
 
     student: nn.Module
     teacher: TeacherProvider | None
@@ -539,6 +541,12 @@ class EvalContext:
     phase: str = "during"
     output_dir: Any = None
     log_artifact: Any = None
+    progress: Any = None  # the run's progress line for this evaluator: progress(done, total, what)
+
+    def report(self, done: int, total: int | None = None, what: str = "batches") -> None:
+        """Show `done` of `total` `what` on this evaluator's progress line (nothing where none shows)."""
+        if self.progress is not None:
+            self.progress(done, total, what)
 
 
 @dataclass(frozen=True)

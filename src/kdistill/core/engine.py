@@ -43,6 +43,7 @@ class Engine:
         self.out = Path(self.recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.console = summary.console()
+        self._progress = None  # the training progress bar while it shows
         summary.quiet_libraries()
 
     def build(self) -> None:
@@ -103,11 +104,18 @@ class Engine:
         return (b.to(self.device) for b in self.data.val_batches(size))
 
     def evaluate(self, phase: str = "during") -> dict[str, float]:
-        context = kinds.EvalContext(student=self.student, teacher=self.teacher, val_batches=self.val_batches, tokenizer=self.tokenizer,
-                              device=self.device, phase=phase, output_dir=self.out, log_artifact=self.tracker.log_artifact)
+        """Every evaluator in turn, each with its own line of progress (batches, or what it reports)."""
         metrics: dict[str, float] = {}
-        for evaluator in self.evaluators:
-            metrics.update(evaluator.evaluate(context))
+        with summary.eval_progress(self.console, self._progress) as progress:
+            for evaluator in self.evaluators:
+                label = getattr(evaluator.options, "label", "")
+                task = progress.add_task(f"evaluating ({phase}): {evaluator.name}{f' {label}' if label else ''}", total=None, info="")
+                line = summary.EvalLine(progress, task, self.val_batches)
+                context = kinds.EvalContext(student=self.student, teacher=self.teacher, val_batches=line.batches,
+                                            tokenizer=self.tokenizer, device=self.device, phase=phase, output_dir=self.out,
+                                            log_artifact=self.tracker.log_artifact, progress=line.report)
+                metrics.update(evaluator.evaluate(context))
+                progress.remove_task(task)
         return metrics
 
     def _result_fields(self) -> dict[str, Any]:
@@ -170,8 +178,7 @@ class Engine:
         status, last = "FAILED", {}
         try:
             if step == 0 and self.evaluators:
-                with self.console.status("evaluating before training"):
-                    before = self._guarded(self.evaluate, "before", "evaluating before training")
+                before = self._guarded(self.evaluate, "before", "evaluating before training")
                 self.tracker.log_metrics(before, step=0)
             last = self._loop(step, best, before)
             status = "FINISHED"
@@ -184,8 +191,10 @@ class Engine:
         self.history: list[tuple[int, dict[str, float]]] = []
         t = self.recipe.train
         last: dict[str, float] = {}
+        self.saved_checkpoints = 0
         with summary.progress_bar(self.console) as progress:
-            task = progress.add_task("train", total=t.steps, completed=step, info="")
+            self._progress = progress  # evaluations during training add their lines to it
+            task = progress.add_task("distilling", total=t.steps, completed=step, info="")
             while step < t.steps:
                 began = time.perf_counter()
                 metrics = self._guarded(self.train_step, step, f"step {step + 1}")
@@ -208,8 +217,10 @@ class Engine:
                 if t.save_every and (step % t.save_every == 0 or step == t.steps):
                     self.backend.save_checkpoint(self.ckpt_root, step, self.modules, self.optimizer,
                                                  self._state(step, best, before), t.keep_checkpoints)
+                    self.saved_checkpoints += 1
                 self.pm.hook.kd_step_finished(step=step, metrics=dict(metrics))
                 progress.update(task, completed=step, info=f"loss {metrics['train/loss']:.3f}  {metrics['train/tokens_per_s']:.0f} tok/s")
+        self._progress = None
         if not (t.eval_every and self.evaluators) and self.evaluators:
             val = self._guarded(self.evaluate, "final", "evaluating after training")
             self.tracker.log_metrics(val, step=step)
@@ -296,12 +307,15 @@ class Engine:
         result = {"output_dir": str(self.out), "final_model": str(final), "before": before, "after": last}
         if not self.is_main:
             return result
-        self.tracker.log_artifact(str(final), "model")
+        self.tracker.log_model(str(final))  # type: ignore[union-attr]  # main only: never summary.NoTracker
         plot = summary.plot_losses(self.history, self.out)
         if plot is not None:
             self.tracker.log_artifact(str(plot), "plots")
-        result = summary.write_summary(self.out, {**result, "best": self._best, "best_metric": self.best_metric}, self.tracker)
-        summary.print_summary(self.console, result)
+        disk = summary.disk_usage(self.out, self.ckpt_root, self.saved_checkpoints, self.recipe.train.keep_checkpoints)
+        result = summary.write_summary(self.out, {**result, "best": self._best, "best_metric": self.best_metric, "disk": disk},
+                                       self.tracker)
+        self.tracker.log_summary(result)  # type: ignore[union-attr]
+        summary.print_summary(summary.results_console(), result)
         return result
 
 

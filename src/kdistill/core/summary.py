@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -27,8 +29,24 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+VERBOSE_ENV = "KDISTILL_VERBOSE"  # set (by `--verbose`): libraries keep their own progress bars and INFO lines
+
+
 def quiet_libraries() -> None:
-    """transformers' and MLflow's own progress bars and INFO lines would drown ours."""
+    """transformers', datasets' and MLflow's own progress bars and INFO lines would drown ours (and, without
+    a terminal, end up in the log as lines of carriage returns): off unless $KDISTILL_VERBOSE is set."""
+    if os.environ.get(VERBOSE_ENV):
+        return
+    try:
+        from functools import partialmethod
+
+        import tqdm.std
+
+        if not getattr(tqdm.std.tqdm, "_kdistill_quiet", False):  # libraries that call tqdm directly (GGUF conversion)
+            tqdm.std.tqdm.__init__ = partialmethod(tqdm.std.tqdm.__init__, disable=True)
+            tqdm.std.tqdm._kdistill_quiet = True
+    except ImportError:  # pragma: no cover
+        pass
     try:
         import transformers
 
@@ -46,11 +64,46 @@ def console():
     return Console(stderr=True)
 
 
-def progress_bar(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def results_console():
+    """Results (the before/after table, where the model went, the MLflow hint) go to stdout, so that
+    `kdistill run ... > log` keeps them; progress and warnings go to stderr (`console`)."""
+    from rich.console import Console
 
-    return Progress(TextColumn("[bold]distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeRemainingColumn(), console=console, transient=False)
+    return Console()
+
+
+def progress_bar(console, transient: bool = False):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeRemainingColumn(), TimeElapsedColumn(), console=console, transient=transient)
+
+
+@contextmanager
+def eval_progress(console, active):
+    """Where evaluations show their progress: lines added to the training bar while it shows (one live
+    display at a time), else a bar of their own that disappears when they are done."""
+    if active is not None:
+        yield active
+        return
+    with progress_bar(console, transient=True) as progress:
+        yield progress
+
+
+class EvalLine:
+    """One evaluator's line of progress: the validation batches it reads, or what it reports itself."""
+
+    def __init__(self, progress, task, val_batches):
+        self.progress, self.task, self.val_batches = progress, task, val_batches
+
+    def report(self, done: int, total: int | None = None, what: str = "batches") -> None:
+        self.progress.update(self.task, completed=done, total=total, info=what)
+
+    def batches(self) -> Iterator:
+        """The validation batches, counted as the evaluator reads them."""
+        for n, batch in enumerate(self.val_batches(), 1):
+            yield batch
+            self.report(n)
 
 
 def plot_losses(history, out: Path) -> Path | None:
@@ -70,6 +123,39 @@ def write_summary(out: Path, summary: dict[str, Any], tracker) -> dict[str, Any]
             summary[f"mlflow_{name}"] = getattr(tracker, name)
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
     return summary
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
+
+
+def disk_usage(out: Path, checkpoints: Path, saved: int, keep: int) -> dict[str, Any]:
+    """What the run folder holds when the run ends, in bytes: the whole, the models, each kept checkpoint."""
+    kept = sorted(p for p in checkpoints.glob("step-*") if p.is_dir()) if checkpoints.is_dir() else []
+    return {"total_bytes": folder_bytes(out), "final_bytes": folder_bytes(out / "final"), "best_bytes": folder_bytes(out / "best"),
+            "checkpoints": {p.name: folder_bytes(p) for p in kept}, "checkpoints_saved": saved, "keep_checkpoints": keep}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def disk_line(output_dir: str, disk: Mapping[str, Any]) -> str:
+    """One line: how much the run folder holds and what `keep_checkpoints` left of the checkpoints."""
+    parts = [f"final/ {human_bytes(disk['final_bytes'])}"]
+    if disk["best_bytes"]:
+        parts.append(f"best/ {human_bytes(disk['best_bytes'])}")
+    kept = disk["checkpoints"]
+    if kept:
+        listed = ", ".join(f"{name} {human_bytes(size)}" for name, size in kept.items())
+        removed = f"; {disk['checkpoints_saved'] - len(kept)} older removed" if disk["checkpoints_saved"] > len(kept) else ""
+        parts.append(f"{len(kept)} checkpoint{'s' if len(kept) != 1 else ''} kept (train.keep_checkpoints {disk['keep_checkpoints']}"
+                     f"{removed}): {listed}")
+    return f"run folder {output_dir}: {human_bytes(disk['total_bytes'])} ({'; '.join(parts)})"
 
 
 def json_safe(value: Any) -> Any:
@@ -97,6 +183,8 @@ def print_summary(console, summary: dict[str, Any]) -> None:
         table.add_row(key, "" if b is None else f"{b:.4g}", f"{after[key]:.4g}")
     console.print(table)
     console.print(f"final student: {summary['final_model']}  (AutoModelForCausalLM.from_pretrained loads it)", soft_wrap=True)
+    if "disk" in summary:
+        console.print(disk_line(summary["output_dir"], summary["disk"]), soft_wrap=True)
     if "mlflow_tracking_uri" in summary:
         console.print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}; "
                       f"see it with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}", soft_wrap=True)

@@ -215,11 +215,13 @@ class Answers(kdistill.Evaluator):
         stops = stop_ids(tokenizer)
         return stops[-1:]
 
-    def _answer(self, model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
+    def _answer(self, model, tokenizer, prompts: list[list[int]], context, who: str) -> list[list[int]]:
         out: list[list[int]] = []
+        context.report(0, len(prompts), f"{who} answers")
         for start in range(0, len(prompts), self.options.batch_size):
             out += sample_completions(model, tokenizer, prompts[start:start + self.options.batch_size],
                                       max_new_tokens=self.options.max_new_tokens)
+            context.report(len(out), len(prompts), f"{who} answers")
         return out
 
     def _scored_ids(self, answer: list[int], tokenizer) -> list[int]:
@@ -241,7 +243,7 @@ class Answers(kdistill.Evaluator):
             return None
         tokenizer = teacher.tokenizer or context.tokenizer
         prompts = self._prompts(tokenizer)
-        ids = self._answer(teacher.model, tokenizer, prompts)
+        ids = self._answer(teacher.model, tokenizer, prompts, context, "teacher's")
         texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in ids]
         scored = [self._scored_ids(a, tokenizer) for a in ids]
         total, count = answer_nll(teacher.model, prompts, scored, self.options.batch_size, self._pad(tokenizer))
@@ -274,7 +276,7 @@ class Answers(kdistill.Evaluator):
         questions, references = self._rows()
         tokenizer = context.tokenizer
         prompts = self._prompts(tokenizer)
-        ids = self._answer(context.student, tokenizer, prompts)
+        ids = self._answer(context.student, tokenizer, prompts, context, "student's")
         texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in ids]
         metrics: dict[str, float] = {}
         if references is not None:
