@@ -156,6 +156,7 @@ def test_a_server_of_another_vocabulary_or_fewer_log_probabilities_is_refused(ti
         engine_for(too_many).build()
 
 
+@pytest.mark.long  # a second vLLM server start (about 3 minutes on 2 cores): run with `python -m pytest -m long`
 def test_a_server_killed_mid_run_stops_it_naming_the_url_and_after_a_restart_it_resumes(tiny_assets, model, server, tmp_path):
     settings = dict(steps=40, save_every=1, keep_checkpoints=2)
     whole = recipe(tiny_assets, model, tmp_path / "whole", served(server), **settings)
