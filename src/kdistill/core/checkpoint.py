@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdistill.core import adapters
 from kdistill.core.errors import KdistillError
 
 MARKER = "COMPLETE"
@@ -166,7 +167,8 @@ def save_checkpoint(root: Path, step: int, modules: Mapping[str, nn.Module], opt
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {f"{name}.{k}": v for name, module in modules.items() for k, v in module.state_dict().items()}
+    # a LoRA student's checkpoint holds its adapters only: the base is rebuilt from the recipe at resume
+    weights = {f"{name}.{k}": v for name, module in modules.items() for k, v in adapters.trained_state(module).items()}
     _save_tensors(weights, tmp / "model.safetensors")
     opt_tensors, opt_plain = _optimizer_parts(optimizer)
     _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
@@ -365,7 +367,7 @@ def load_checkpoint(path: Path, modules: Mapping[str, nn.Module], optimizer: tor
     def restore_modules(p):
         for name, module in modules.items():
             prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+            adapters.load_trained_state(module, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
     _read(path / "model.safetensors", restore_modules)
     opt_tensors = _read(path / "optimizer.safetensors", tensors)
     opt_plain = _read(path / "optimizer.json", text)
@@ -381,7 +383,11 @@ def atomic_save_pretrained(model: Any, tokenizer: Any, target: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if adapters.wrapper(model) is not None:  # a LoRA student: merged into a plain model, and the adapter beside it
+            adapters.merged(model).save_pretrained(str(tmp), safe_serialization=True)
+            adapters.save_adapter(model, tmp / adapters.ADAPTER_FOLDER)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
     except SafetensorError as exc:
         raise os_error_of(exc, tmp) from None
     if tokenizer is not None:

@@ -378,6 +378,7 @@ class Strategy(Component):
     needs_teacher: ClassVar[bool] = True
     chain: ClassVar[bool] = False  # runs whole stages itself (`run_chain`) instead of the engine's loop
     writes_answers: ClassVar[bool] = False  # trains on answers it writes itself (on-policy): prompts alone will do
+    no_lora: ClassVar[str] = ""  # why a LoRA student (student.lora) does not fit this strategy; empty: it does
 
     def run_chain(self, plan: Any, runner: Any, resume: bool, overwrite: bool, force: bool) -> dict[str, Any]:
         """A chain strategy's run (progressive): `runner` (the engine's StageRunner) resolves stage

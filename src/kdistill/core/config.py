@@ -63,6 +63,17 @@ class FromTeacher(StaticModel):
     layers: list[Count] = Field(min_length=1)
 
 
+class LoraSpec(StaticModel):
+    """Train LoRA adapters (peft) on the student instead of all its weights; the base stays frozen."""
+
+    r: PositiveCount = Field(16, description="the adapters' rank")
+    alpha: PositiveFloat = Field(32.0, description="scaling: the update is alpha / r times the low-rank product")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="the linear layers that get adapters, by name (or a regular expression), or all-linear")
+
+
 class StudentSpec(StaticModel):
     """Exactly one of `model` (a local folder), `config` (build fresh) or `from_teacher`."""
 
@@ -72,6 +83,7 @@ class StudentSpec(StaticModel):
     tokenizer: LocalPath | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    lora: LoraSpec | None = Field(None, description="train LoRA adapters instead of the whole student (needs peft)")
 
     @pydantic.model_validator(mode="after")
     def _exactly_one_source(self) -> "StudentSpec":
@@ -511,6 +523,10 @@ def _cross_checks(recipe: Recipe, components: dict[str, list[Resolved]]) -> list
                         f"{', '.join(repr(n) for n in needing)} need{'' if len(needing) > 1 else 's'}")
     strategy = components["strategy"][0]
     problems += strategy.entry.cls.recipe_problems(recipe, components)
+    if recipe.student.lora is not None and strategy.entry.cls.no_lora:
+        problems.append(f"student.lora: not with strategy '{strategy.entry.name}': {strategy.entry.cls.no_lora}")
+    if recipe.student.lora is not None and recipe.distributed.backend == "deepspeed":
+        problems.append("student.lora: not available with distributed.backend deepspeed (train the adapters in one process or with ddp)")
     if data and getattr(data[0].options, "format", None) == "prompt" and not strategy.entry.cls.writes_answers:
         problems.append(f"data.options.format: prompts alone leave strategy '{strategy.entry.name}' nothing to learn; "
                         "give answers too, or use a strategy that writes them (on-policy)")

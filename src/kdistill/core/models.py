@@ -354,6 +354,15 @@ def _model_types() -> set[str]:
 def build_student(spec, teacher_model: LM | None, teacher_tokenizer):
     """The student model and its tokenizer, from the recipe's `student` section."""
 
+    model, tokenizer = _build_student(spec, teacher_model, teacher_tokenizer)
+    if spec.lora is not None:
+        from kdistill.core.adapters import add_lora
+
+        model = add_lora(model, spec.lora)
+    return model, tokenizer
+
+
+def _build_student(spec, teacher_model: LM | None, teacher_tokenizer):
     if spec.model is not None:
         model = load_causal_lm(spec.model, "student.model", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
         tokenizer = load_tokenizer(spec.tokenizer or spec.model, "student.tokenizer" if spec.tokenizer else "student.model",

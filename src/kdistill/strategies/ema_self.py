@@ -17,6 +17,7 @@ class EMASelf(kdistill.Strategy):
     checkpoints, so a resumed run continues it exactly. No external teacher runs."""
 
     name = "ema-self"
+    no_lora = "its teacher is an average of the student's whole weights, not of adapters"
     needs_teacher = False
 
     class Options(StepOptions):

@@ -17,6 +17,7 @@ class Mutual(kdistill.Strategy):
     teacher (`peer_layers`) or built fresh from the student's config."""
 
     name = "mutual"
+    no_lora = "its peers are full copies of the student, trained in full"
     needs_teacher = False
 
     class Options(kdistill.Options):

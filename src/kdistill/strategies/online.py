@@ -16,6 +16,7 @@ class Online(kdistill.Strategy):
     confident as it trains, a curriculum for the student."""
 
     name = "online"
+    no_lora = "it trains the teacher too, and a LoRA student's adapters are the student's alone"
 
     class Options(kdistill.Options):
         teacher_lr_scale: float = Field(0.2, gt=0, description="the teacher's learning rate as a multiple of train.lr")

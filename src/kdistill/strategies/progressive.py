@@ -30,6 +30,7 @@ class Progressive(kdistill.Strategy):
     skips the stages that finished and resumes the one that was interrupted."""
 
     name = "progressive"
+    no_lora = "its stages hand whole students on from one to the next"
     chain = True  # runs whole stages (run_chain) instead of a training loop
 
     class Options(kdistill.Options):
