@@ -26,7 +26,8 @@ ADAPTER_FOLDER = "adapter"  # final/adapter: the adapter alone, loadable with pe
 
 def linear_names(model: nn.Module) -> list[str]:
     """The distinct last names of the model's linear layers (what target_modules may name), head excluded."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output: Any = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
     return sorted({name.rpartition(".")[2] for name, module in model.named_modules()
                    if isinstance(module, nn.Linear) and module is not output and name})
 
@@ -78,11 +79,11 @@ def load_trained_state(model: nn.Module, state: dict[str, Any]) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def merged(model: nn.Module) -> nn.Module:
+def merged(model: nn.Module) -> Any:
     """A copy of `model` with its adapters merged into the base weights: a plain transformers model."""
-    return copy.deepcopy(wrapper(model)).merge_and_unload()
+    return copy.deepcopy(_WRAPPERS[model]).merge_and_unload()
 
 
 def save_adapter(model: nn.Module, folder: Path) -> None:
     """The adapter alone, in peft's format (`PeftModel.from_pretrained(base, folder)` loads it)."""
-    wrapper(model).save_pretrained(str(folder), safe_serialization=True)
+    _WRAPPERS[model].save_pretrained(str(folder), safe_serialization=True)
