@@ -6,33 +6,248 @@ import json
 import socket
 import warnings
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import engine_for
 
 
-def test_mlflow_default_local_store_has_metrics_params_and_model(recipe_factory, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the tests that make their own experiments (a new store takes seconds to set up)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+def no_network(monkeypatch):
+    """Any connection to another machine fails the test (a local store needs none)."""
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            attempts.append(address)
+            raise OSError(f"test: no network ({address})")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return attempts
+
+
+def test_mlflow_default_local_store_has_metrics_params_model_tags_and_description(recipe_factory, tmp_path, monkeypatch):
+    import mlflow
+    import mlflow.transformers
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.chdir(tmp_path)
+    from kdistill import __version__
+    from kdistill.core.summary import flatten
+    from kdistill.plugins.trackers.mlflow_tracker import recipe_hash
+
+    attempts = no_network(monkeypatch)
+    monkeypatch.chdir(tmp_path)  # no git repository: no commit tag, no error
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     raw = recipe_factory(steps=3, eval_every=3)
     raw["tracker"] = {"name": "mlflow", "options": {"experiment": "tests"}}
-    summary = engine_for(raw).run()
+    engine = engine_for(raw)
+    summary = engine.run()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert summary["mlflow_tracking_uri"] == uri
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tests")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # model training, not GenAI
     (run,) = client.search_runs([experiment.experiment_id])
+    run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/student_ppl")] == [0, 3]
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run_id, "val/student_ppl")] == [0, 3]
     assert run.data.params["train.steps"] == "3" and run.data.params["losses.0.options.temperature"] == "2.0"
-    top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"recipe.yaml", "plugins.json", "model"} <= top
-    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "model/model.safetensors" in model_files and "model/config.json" in model_files
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"recipe.yaml", "plugins.json"}
+
+    tags = run.data.tags
+    params = flatten(engine.recipe.model_dump(mode="json"))
+    assert tags["kdistill.version"] == __version__
+    assert tags["kdistill.recipe_sha256"] == recipe_hash(params)
+    assert recipe_hash({**params, "output_dir": "elsewhere", "run_name": "other"}) == recipe_hash(params)
+    assert recipe_hash({**params, "train.lr": 0.5}) != recipe_hash(params)
+    assert tags["kdistill.strategy"] == "offline" and tags["kdistill.teacher_provider"] == "hf"
+    assert tags["kdistill.losses"] == "forward-kl,cross-entropy" and tags["kdistill.data"] == "text-files"
+    assert tags["kdistill.teacher"] == raw["teacher"]["options"]["model"]
+    assert tags["kdistill.student"] == "teacher layers 0, 3"
+    assert tags["kdistill.final_model"] == str(tmp_path / "run" / "final")
+    assert "kdistill.git_commit" not in tags
+    description = tags["mlflow.note.content"]
+    ppl = f"val/student_ppl {summary['before']['val/student_ppl']:.4g} -> {summary['after']['val/student_ppl']:.4g}"
+    assert ppl in description and "forward-kl x0.5" in description and "for 3 steps" in description, description
+
+    # the student: an MLflow model of the run, with the last step's metrics, that loads as a pipeline
+    (model,) = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert model.source_run_id == run_id and model.name == "student"
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["val/student_ppl"] == summary["after"]["val/student_ppl"] and linked["train/loss"] == summary["after"]["train/loss"]
+    assert model.tags["kdistill.strategy"] == "offline"
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info(f"models:/{model.model_id}")
+    assert info.flavors["transformers"]["task"] == "text-generation"
+    assert info.signature.inputs.to_dict() == info.signature.outputs.to_dict() == [{"type": "string", "required": True}]
+    pipe = mlflow.transformers.load_model(f"models:/{model.model_id}")
+    assert pipe.model.config.num_hidden_layers == 2 and pipe.tokenizer is not None
+    assert isinstance(pipe("the king", max_new_tokens=2, do_sample=False)[0]["generated_text"], str)
+    assert (tmp_path / "mlruns").is_dir()  # where a local store's artifacts go (docs/tracking.md)
+    assert attempts == []
+
+
+def test_a_tracker_with_only_the_four_methods_still_gets_the_model_and_the_summary(tmp_path):
+    """`log_model` and `log_summary` have defaults: a third-party tracker written before them works as before."""
+    import kdistill
+
+    calls = []
+
+    class Old(kdistill.Tracker):
+        name = "old"
+
+        def start(self, run_name, params, output_dir):
+            calls.append("start")
+
+        def log_metrics(self, metrics, step):
+            calls.append("metrics")
+
+        def log_artifact(self, path, artifact_path=None):
+            calls.append(("artifact", path, artifact_path))
+
+        def finish(self, status="FINISHED"):
+            calls.append(status)
+
+    tracker = Old()
+    tracker.log_model(str(tmp_path / "final"))
+    tracker.log_summary({"before": {}, "after": {}})
+    assert calls == [("artifact", str(tmp_path / "final"), "model")]
+
+
+def test_jsonl_tracker_copies_the_model_as_before(tiny_assets, tmp_path):
+    from kdistill.plugins.trackers.jsonl import JsonlTracker
+
+    tracker = JsonlTracker()
+    tracker.start("r", {"a": 1}, str(tmp_path / "run"))
+    tracker.log_model(tiny_assets["teacher"])
+    tracker.log_summary({"before": {}, "after": {"val/x": 1.0}})
+    tracker.finish()
+    assert (tmp_path / "run" / "artifacts" / "model" / "teacher" / "config.json").exists()
+
+
+def test_git_commit_of_the_working_folder_is_a_tag(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from kdistill.plugins.trackers.mlflow_tracker import git_commit, run_tags
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("a")
+    subprocess.run(git + ["-C", str(tmp_path), "add", "a.txt"], check=True)
+    subprocess.run(git + ["-C", str(tmp_path), "commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(tmp_path)
+    tags = run_tags({})
+    assert tags["kdistill.git_commit"] == head and tags["kdistill.git_dirty"] == "false"
+    (tmp_path / "a.txt").write_text("b")
+    assert git_commit() == (head, True)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no git at all: no tag, no error
+    assert git_commit() is None and "kdistill.git_commit" not in run_tags({})
+
+
+def test_a_users_experiment_kind_is_kept_and_artifact_location_applies_to_a_new_experiment(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from kdistill.plugins.trackers.mlflow_tracker import MlflowTracker
+
+    uri = store
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("mine", tags={"mlflow.experimentKind": "finetuning"})
+    tracker = MlflowTracker(MlflowTracker.Options(experiment="mine", tracking_uri=uri))
+    tracker.start("r", {}, str(tmp_path / "r"))
+    tracker.finish()
+    assert client.get_experiment_by_name("mine").tags["mlflow.experimentKind"] == "finetuning"
+
+    options = MlflowTracker.Options(experiment="elsewhere", tracking_uri=uri, artifact_location=str(tmp_path / "store"))
+    tracker = MlflowTracker(options)
+    tracker.start("r", {}, str(tmp_path / "e"))
+    (tmp_path / "note.txt").write_text("n")
+    tracker.log_artifact(str(tmp_path / "note.txt"))
+    tracker.finish()
+    experiment = client.get_experiment_by_name("elsewhere")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location.endswith(str(tmp_path / "store")) and list((tmp_path / "store").rglob("note.txt"))
+    with warnings.catch_warnings(record=True) as caught:  # an existing experiment keeps its location, with a warning
+        warnings.simplefilter("always")
+        again = MlflowTracker(MlflowTracker.Options(experiment="elsewhere", tracking_uri=uri, artifact_location=str(tmp_path / "x")))
+        again.start("r2", {}, str(tmp_path / "e2"))
+        again.finish()
+    assert any("applies to a new experiment" in str(w.message) for w in caught)
+    assert not any("MLflow tracking failed" in str(w.message) for w in caught)
+
+
+def test_log_model_reference_and_none_copy_nothing(tiny_assets, store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from kdistill.plugins.trackers.mlflow_tracker import MlflowTracker
+
+    uri = store
+    client = MlflowClient(tracking_uri=uri)
+    for mode in ("reference", "none"):
+        tracker = MlflowTracker(MlflowTracker.Options(experiment=mode, tracking_uri=uri, log_model=mode))
+        tracker.start(mode, {}, str(tmp_path / mode))
+        tracker.log_metrics({"val/x": 2.0}, step=1)
+        tracker.log_metrics({"val/x": 1.0}, step=2)
+        tracker.log_model(tiny_assets["teacher"])
+        tracker.finish()
+        experiment = client.get_experiment_by_name(mode).experiment_id
+        models = client.search_logged_models(experiment_ids=[experiment])
+        assert client.get_run(tracker.run_id).data.tags["kdistill.final_model"] == tiny_assets["teacher"]
+        assert client.list_artifacts(tracker.run_id) == []
+        if mode == "none":
+            assert models == []
+        else:
+            (model,) = models
+            assert [a.path for a in client.list_logged_model_artifacts(model.model_id)] == ["MLmodel"]  # nothing copied
+            assert model.source_run_id == tracker.run_id and model.tags["kdistill.model_path"] == tiny_assets["teacher"]
+            assert [(m.key, m.value, m.step) for m in model.metrics] == [("val/x", 1.0, 2)]
+
+
+def test_secrets_in_urls_and_secret_named_options_are_not_logged(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from kdistill.plugins.trackers.mlflow_tracker import MlflowTracker
+
+    uri = store
+    tracker = MlflowTracker(MlflowTracker.Options(experiment="secrets", tracking_uri=uri))
+    tracker.start("r", {"teacher.options.urls": ["http://me:hunter2@host:8000/v1"], "x.options.api_key": "hunter2",
+                        "teacher.options.api_key_env": "MY_KEY", "train.max_new_tokens": 4}, str(tmp_path / "r"))
+    tracker.finish()
+    params = MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.params
+    assert "hunter2" not in json.dumps(params)
+    assert params["teacher.options.urls"] == "['http://***@host:8000/v1']" and params["x.options.api_key"] == "***"
+    assert params["teacher.options.api_key_env"] == "MY_KEY" and params["train.max_new_tokens"] == "4"
+
+
+def test_compare_url_names_the_runs_of_the_folders(store, tmp_path, capsys):
+    import urllib.parse
+
+    from kdistill.plugins.trackers.mlflow_tracker import MlflowTracker, compare_url, main
+
+    ids = []
+    for name in ("a", "b"):
+        tracker = MlflowTracker(MlflowTracker.Options(experiment="sweep", tracking_uri=store))
+        tracker.start(name, {}, str(tmp_path / name))
+        tracker.finish()
+        ids.append(tracker.run_id)
+    url = compare_url([tmp_path / "a", tmp_path / "b"])
+    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?")
+    query = urllib.parse.parse_qs(url.split("?", 1)[1])
+    assert json.loads(query["runs"][0]) == ids and len(json.loads(query["experiments"][0])) == 1
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--ui", "http://h:1/"])
+    assert capsys.readouterr().out.strip() == url.replace("http://127.0.0.1:5000", "http://h:1")
 
 
 def closed_port() -> int:

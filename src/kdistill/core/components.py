@@ -461,7 +461,14 @@ class DataSource(Component):
 
 
 class Tracker(Component):
-    """Where params, metrics and artifacts go."""
+    """Where params, metrics and artifacts go.
+
+    The engine calls, on the main process: `start`; `log_artifact` (the run's files) and `log_metrics`
+    as the run goes; when training ended, `log_model` with the final student's folder, then
+    `log_summary` with the run's result (what `summary.json` holds); `finish` always, with the status.
+    `log_model` and `log_summary` have defaults (the folder as the artifact folder `model`; nothing),
+    so a tracker needs only the other four.
+    """
 
     kind = "tracker"
 
@@ -473,6 +480,14 @@ class Tracker(Component):
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         raise NotImplementedError
+
+    def log_model(self, path: str) -> None:
+        """The final student: `path` is a folder `save_pretrained` wrote (weights, config, tokenizer)."""
+        self.log_artifact(path, "model")
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """The finished run's result, before `finish`: "before" and "after" (metric -> value), "final_model",
+        "output_dir", "best", "best_metric" (summary.json's fields)."""
 
     def finish(self, status: str = "FINISHED") -> None:
         raise NotImplementedError
