@@ -3,11 +3,15 @@ and final/ is both the merged model (AutoModelForCausalLM) and the adapter (peft
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
 
 from conftest import cli_result, cut_after, engine_for, write_recipe
+from kdistill.core import adapters
 
 peft = pytest.importorskip("peft", reason="needs peft (pip install 'kdistill[lora]'; the dev extra has it)")
 
@@ -87,3 +91,36 @@ def test_strategies_that_do_not_fit_a_lora_student_are_refused_at_validation(rec
     code, out, err = cli_result("validate", write_recipe(tmp_path / "r.yaml", raw))
     assert code == 2
     assert f"student.lora: not with strategy '{strategy}': {reason}" in err
+
+
+def test_qlora_trains_adapters_on_a_4_bit_base_and_resumes_exactly(recipe_factory, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install 'kdistill[quant]')")
+    from transformers import AutoModelForCausalLM
+
+    raw = lora_recipe(recipe_factory, lr=3e-2)  # adapters that move far enough to tell merged from not
+    vocab = json.loads((Path(raw["teacher"]["options"]["model"]) / "config.json").read_text())["vocab_size"]
+    # widths that bitsandbytes' packed 4-bit CPU kernel takes (multiples of 64)
+    raw["student"] = {"config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+                                 "num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1},
+                      "lora": {**LORA, "quantization": "nf4"}}
+    engine = engine_for(raw)
+    engine.run()
+    q_proj = engine.student.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == "Linear4bit"
+    checkpoint = stored(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert checkpoint and all(".lora_" in k for k in checkpoint)
+    again = cut_after(raw, tmp_path / "resumed", "step-00000004")
+    engine_for(again).run(resume=True)
+    resumed = stored(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert all(torch.equal(checkpoint[k], resumed[k]) for k in checkpoint)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # merged into the 4-bit base
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    engine.student.eval()
+    with torch.no_grad():
+        expected = engine.student(input_ids=ids).logits
+        got = merged.eval()(input_ids=ids).logits
+        with adapters.wrapper(engine.student).disable_adapter():
+            base = engine.student(input_ids=ids).logits
+    # the merged model is the adapted one up to re-quantizing the merged weights: far closer than the base
+    effect, error = (expected - base).abs().mean(), (got - expected).abs().mean()
+    assert error < 0.25 * effect, (error, effect)

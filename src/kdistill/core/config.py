@@ -72,6 +72,9 @@ class LoraSpec(StaticModel):
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1, description="the linear layers that get adapters, by name (or a regular expression), or all-linear")
+    quantization: Literal["none", "nf4", "fp4"] = Field("none", description="QLoRA: hold the frozen base in 4 bits "
+                                                        "(bitsandbytes); final/ is then merged into the 4-bit base")
+    double_quant: bool = Field(True, description="4-bit base only: quantize the quantization constants too")
 
 
 class StudentSpec(StaticModel):

@@ -358,6 +358,8 @@ def build_student(spec, teacher_model: LM | None, teacher_tokenizer):
     if spec.lora is not None:
         from kdistill.core.adapters import add_lora
 
+        if spec.lora.quantization != "none":  # QLoRA: a 4-bit frozen base under the adapters
+            model = _requantize(model, "student.lora.quantization", spec.lora.quantization, spec.lora.double_quant, spec.dtype)
         model = add_lora(model, spec.lora)
     return model, tokenizer
 
