@@ -175,7 +175,7 @@ def test_analyze_reports_the_teachers_top_tokens_and_entropy(tiny_assets, tmp_pa
     from conftest import tiny_recipe, write_recipe
 
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_assets, tmp_path / "out"))
-    out = cli("analyze", str(path), "--text", "the king shall", "--top-k", "3")
+    out = cli("analyze", str(path), "--text", "the king shall", "--top-k", "3", "--validation")
     assert out.returncode == 0, out.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"], local_files_only=True)
     tok = AutoTokenizer.from_pretrained(tiny_assets["teacher"], local_files_only=True)
@@ -193,6 +193,36 @@ def test_analyze_reports_the_teachers_top_tokens_and_entropy(tiny_assets, tmp_pa
     report = _json.loads((tmp_path / "out" / "analysis" / "teacher_report.json").read_text())
     assert report["entropy_here"] == pytest.approx(entropy) and report["positions"] > 0
     assert (tmp_path / "out" / "analysis" / "teacher_entropy.png").stat().st_size > 1000
+
+
+def test_analyze_with_text_only_does_not_read_the_validation_data(tiny_assets, tmp_path):
+    """One prompt needs the teacher only: a recipe whose data cannot be loaded (not UTF-8) still answers
+    it, and writes nothing; --validation reads the data, and says why it cannot."""
+    from conftest import tiny_recipe, write_recipe
+
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("the king shall speak, caf\xe9\n".encode("latin-1") * 50)
+    raw = tiny_recipe(tiny_assets, tmp_path / "out")
+    raw["data"]["options"]["paths"] = [str(corpus)]
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    out = cli("analyze", str(path), "--text", "the king shall", "--top-k", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "teacher's next token after 'the king shall':" and len(lines) == 4
+    assert lines[3].startswith("entropy here: ") and not (tmp_path / "out").exists()
+    scan = cli("analyze", str(path), "--text", "the king shall", "--validation")
+    assert scan.returncode == 2
+    assert scan.stderr.splitlines()[-1] == (f"error: data.options.paths: {corpus} is not utf-8 text "
+                                            "(invalid continuation byte at byte 25)")
+    neither = cli("analyze", str(path))
+    assert neither.returncode == 2 and neither.stderr == "error: analyze: give --text PROMPT, --validation, or both\n"
+
+
+def test_signed_sum():
+    from kdistill.analysis import signed_sum
+
+    assert signed_sum([0.1, -0.086, 0.25, -1.0], digits=3) == "0.100 - 0.086 + 0.250 - 1.000"
+    assert signed_sum([-0.5]) == "-0.500000" and signed_sum([]) == ""
 
 
 def test_a_validation_sweep_takes_a_scheduled_weight_at_its_first_step(tiny_assets, tmp_path):

@@ -53,6 +53,20 @@ def kl_steps(teacher_logits: list[float], student_logits: list[float], temperatu
     return KLSteps(temperature, pt, log_ps, terms, kl, kl * temperature ** 2)
 
 
+def signed_sum(values: list[float], digits: int = 6) -> str:
+    """`a + b - c` with each term's own sign: `0.1 - 0.086`, never `0.1 + -0.086`."""
+    text = ""
+    for i, value in enumerate(values):
+        shown = f"{value:.{digits}f}"
+        if i == 0:
+            text = shown
+        elif shown.startswith("-"):
+            text += f" - {shown[1:]}"
+        else:
+            text += f" + {shown}"
+    return text
+
+
 @dataclass
 class Flops:
     teacher_per_token: float

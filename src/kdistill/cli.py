@@ -15,12 +15,35 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 
 from kdistill.__about__ import __version__
 from kdistill.core.errors import KdistillError
 from kdistill.toolkit import RECIPES_DIR, SET_HELP, fail, plan_recipe, recipe_path, track_side_run
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+def _plain_flags(params: list) -> list:
+    """No placeholder after a flag in --help: recent typer shows `--resume <bool>`, yet no value follows."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(typer.core.TyperGroup):
+    """kdistill's command group: flags show as plain flags in every command's --help, plugins' included."""
+
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command.get_params(ctx))
+        return command
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdistill: knowledge distillation for large language models.")
 
 __all__ = ["RECIPES_DIR", "add_plugin_commands", "app", "main", "recipe_path"]
@@ -90,12 +113,39 @@ def generate(recipe: Path = typer.Argument(..., help="recipe YAML with a generat
         fail(exc)
 
 
+MAIN_RECIPES = ("quickstart-chat", "quickstart")  # listed first, in this order
+
+
+def recipe_description(text: str) -> str:
+    """A recipe's description: its leading comment lines up to the first that ends a sentence ('.'),
+    joined (a sentence may run over several lines); the lines after it (steps, `Needs:`) are not part of it."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+        if lines[-1].endswith("."):
+            break
+    return " ".join(part for part in lines if part)
+
+
 @app.command()
 def recipes() -> None:
     """List the recipes shipped with kdistill (run one by name: kdistill run quickstart)."""
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        print(f"{path.stem:20s} {first}   ({path})")
+    import shutil
+    import textwrap
+
+    paths = sorted(RECIPES_DIR.glob("*.yaml"), key=lambda p: (MAIN_RECIPES.index(p.stem) if p.stem in MAIN_RECIPES
+                                                              else len(MAIN_RECIPES), p.stem))
+    width = max(len(p.stem) for p in paths) + 2
+    columns = max(60, shutil.get_terminal_size((100, 24)).columns)
+    for path in paths:
+        lines = textwrap.wrap(recipe_description(path.read_text(encoding="utf-8")) or "(no description)",
+                              width=columns - width - 1, break_on_hyphens=False) or [""]
+        print(f"{path.stem:<{width}}{lines[0]}")
+        for line in lines[1:]:
+            print(f"{'':<{width}}{line}")
+    print(f"\nRun one by name (kdistill run quickstart-chat); the files are in {RECIPES_DIR}.")
 
 
 @app.command()
@@ -104,11 +154,13 @@ def plugins() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from kdistill.core.plugins import make_plugin_manager
+    from kdistill.core.plugins import BLOCK_ENV, make_plugin_manager
     from kdistill.core.registry import Registry
 
     try:
-        pm = make_plugin_manager()
+        with warnings.catch_warnings():  # failed imports are listed below, once
+            warnings.simplefilter("ignore")
+            pm = make_plugin_manager()
         registry = Registry.from_plugins(pm)
     except KdistillError as exc:
         fail(exc)
@@ -120,6 +172,9 @@ def plugins() -> None:
     Console(width=200).print(table)
     for why in registry.failures.values():
         print(f"warning: {why}", file=sys.stderr)
+    for name, ep in registry.blocked.items():
+        dist = f" ({ep.dist.name} {ep.dist.version})" if ep.dist is not None else ""
+        print(f"note: plugin '{name}'{dist} is blocked by {BLOCK_ENV}; its components are not listed", file=sys.stderr)
 
 
 @app.command()
@@ -167,7 +222,7 @@ def kl(teacher_logits: str = typer.Option(..., help="comma-separated teacher log
        student_logits: str = typer.Option(..., help="comma-separated student logits"),
        temperature: float = typer.Option(1.0, help="softening temperature T")) -> None:
     """The distillation loss between two logit vectors, step by step (KL at T, then times T^2)."""
-    from kdistill.analysis import kl_steps
+    from kdistill.analysis import kl_steps, signed_sum
 
     try:
         steps = kl_steps(_floats(teacher_logits, "--teacher-logits"), _floats(student_logits, "--student-logits"), temperature)
@@ -176,7 +231,7 @@ def kl(teacher_logits: str = typer.Option(..., help="comma-separated teacher log
     fmt = lambda xs: "[" + ", ".join(f"{x:.6f}" for x in xs) + "]"  # noqa: E731
     print(f"1. teacher probabilities at T={steps.temperature:g}: {fmt(steps.teacher_probs)}")
     print(f"2. student log-probabilities at T={steps.temperature:g}: {fmt(steps.student_log_probs)}")
-    print(f"3. KL(teacher || student) = sum p_t (log p_t - log p_s) = {' + '.join(f'{x:.6f}' for x in steps.terms)} = {steps.kl:.6f}")
+    print(f"3. KL(teacher || student) = sum p_t (log p_t - log p_s) = {signed_sum(steps.terms)} = {steps.kl:.6f}")
     print(f"4. times T^2 = {steps.temperature ** 2:g}: loss = {steps.loss:.6f}")
 
 
@@ -228,8 +283,8 @@ def sweep(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a
     from kdistill.analysis import split_sweep, sweep_training, sweep_validation
     from kdistill.toolkit import sweep_plot
 
-    path = recipe_path(recipe)
     try:
+        path = recipe_path(recipe)
         key, values, rest = split_sweep(set_)
         plan = plan_recipe(path, [*rest, f"{key}={values[0]}"])
         if train:
@@ -278,7 +333,7 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 def add_plugin_commands(target: typer.Typer, pm=None) -> None:
     """Commands from plugins (`kd_register_commands`); a plugin whose hook fails is named in a warning
     and the rest of the command line still works."""
-    from kdistill.core.plugins import make_plugin_manager
+    from kdistill.core.plugins import PluginWarning, make_plugin_manager
 
     if pm is None:
         try:
@@ -286,16 +341,37 @@ def add_plugin_commands(target: typer.Typer, pm=None) -> None:
                 warnings.simplefilter("ignore")
                 pm = make_plugin_manager()
         except KdistillError as exc:  # reported again by the command that needs the plugins
-            warnings.warn(f"plugins not loaded: {exc}", stacklevel=2)
+            warnings.warn(f"plugins not loaded: {exc}", PluginWarning, stacklevel=2)
             return
     for impl in pm.hook.kd_register_commands.get_hookimpls():
         try:
             impl.function(app=target)
         except Exception as exc:  # a broken third-party plugin must not take the command line down
-            warnings.warn(f"plugin '{impl.plugin_name}': kd_register_commands failed: {type(exc).__name__}: {exc}",
-                          stacklevel=2)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            warnings.warn(f"plugin '{impl.plugin_name}': kd_register_commands failed: {type(exc).__name__}: {first}",
+                          PluginWarning, stacklevel=2)
 
 
+def _one_line_plugin_warnings() -> None:
+    """A plugin that cannot be used is one `warning: ...` line on stderr, not Python's warning with its
+    file, line number and source line; other warnings are shown as before."""
+    from kdistill.core.plugins import PluginWarning
+
+    show = warnings.showwarning
+    if getattr(show, "kdistill_plugin_warnings", False):
+        return
+
+    def show_plugin_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PluginWarning):
+            print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    show_plugin_warning.kdistill_plugin_warnings = True  # type: ignore[attr-defined]
+    warnings.showwarning = show_plugin_warning
+
+
+_one_line_plugin_warnings()  # before plugins' commands are added: their failures are warnings too
 add_plugin_commands(app)
 
 

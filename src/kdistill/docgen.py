@@ -1,7 +1,8 @@
 """Documentation pages generated from the code, so they cannot drift from it.
 
-`component_pages` writes one page per component kind from the installed components' `Options`
-models; `recipe_schema_page` the recipe's fields from the static pydantic models; `strategy_pages`
+`component_pages` writes one page per component kind from the `Options` models of kdistill's own
+components (other installed plugins' components go on a page of their own, marked as such, so the
+reference does not depend on where it is built); `recipe_schema_page` the recipe's fields from the static pydantic models; `strategy_pages`
 one page per strategy with the shipped recipes that use it. The MkDocs hook in
 `tools/mkdocs_hooks.py` adds them to the site at build time.
 """
@@ -18,7 +19,7 @@ import yaml
 
 from kdistill.core.components import KINDS
 from kdistill.core.config import DistributedSpec, FromTeacher, Recipe, StudentSpec, TrainSpec
-from kdistill.core.registry import Registry
+from kdistill.core.registry import Entry, Registry
 from kdistill.core.schedule import Scheduled
 
 RECIPES_DIR = Path(__file__).resolve().parent / "strategies" / "recipes"
@@ -56,22 +57,56 @@ def options_table(model: type[pydantic.BaseModel]) -> str:
     return "\n".join(rows) + "\n"
 
 
+OWN_DISTRIBUTION = "kdistill"
+EXTRAS_PAGE = "installed-extras.md"
+
+
+def is_own(entry: Entry) -> bool:
+    """A component kdistill ships (declared in its own entry points), not one from another installed plugin."""
+    return entry.distribution == OWN_DISTRIBUTION
+
+
+def _component_section(entry: Entry, heading: str = "##") -> list[str]:
+    doc = (entry.cls.__doc__ or "").strip()
+    lines = [f"{heading} `{entry.name}`", "", f"From {entry.source}, class `{entry.cls.__module__}.{entry.cls.__qualname__}`.", ""]
+    if doc:
+        lines += [" ".join(doc.split()), ""]
+    return lines + [options_table(entry.cls.Options)]
+
+
 def component_pages(registry: Registry) -> dict[str, str]:
-    """{file name: markdown} with one page per component kind."""
+    """{file name: markdown}: one page per component kind with kdistill's own components only, so the
+    reference is the same wherever the docs are built; and `installed-extras.md`, the components of the
+    other plugins installed where they are built, on a page of its own that says so."""
     pages = {}
     for kind, declared in KINDS.items():
-        title = declared.title
-        lines = [f"# {title}", "",
-                 f"Generated from the installed components' code: every `{kind}` component with its options "
-                 f"(recipe slot `{declared.slot}{'[]' if declared.many else ''}`, as `{{name: NAME, options: {{...}}}}`).", ""]
-        for entry in (e for e in registry if e.kind == kind):
-            doc = (entry.cls.__doc__ or "").strip()
-            lines += [f"## `{entry.name}`", "", f"From {entry.source}, class `{entry.cls.__module__}.{entry.cls.__qualname__}`.", ""]
-            if doc:
-                lines += [" ".join(doc.split()), ""]
-            lines += [options_table(entry.cls.Options)]
+        lines = [f"# {declared.title}", "",
+                 f"Generated from the code: every `{kind}` component kdistill ships, with its options "
+                 f"(recipe slot `{declared.slot}{'[]' if declared.many else ''}`, as `{{name: NAME, options: {{...}}}}`). "
+                 f"`kdistill plugins` lists the components installed where you run it, other plugins' included.", ""]
+        for entry in (e for e in registry if e.kind == kind and is_own(e)):
+            lines += _component_section(entry)
         pages[declared.page] = "\n".join(lines)
+    pages[EXTRAS_PAGE] = extras_page(registry)
     return pages
+
+
+def extras_page(registry: Registry) -> str:
+    """The components of plugins other than kdistill installed where the docs were built."""
+    extras = [e for e in registry if not is_own(e)]
+    lines = ["# Other installed plugins (this build only)", "",
+             "!!! note", "    Not part of kdistill: the components of other plugins that happened to be installed where this "
+             "site was built. They differ from one build to another; `kdistill plugins` lists what is installed where "
+             "you run it. [Writing a plugin](../plugins.md) says how to add your own.", ""]
+    if not extras:
+        return "\n".join(lines + ["None were installed.", ""])
+    for kind, declared in KINDS.items():
+        named = [e for e in extras if e.kind == kind]
+        if named:
+            lines += [f"## {declared.title}", ""]
+            for entry in named:
+                lines += _component_section(entry, "###")
+    return "\n".join(lines)
 
 
 def recipe_schema_page() -> str:
@@ -94,7 +129,7 @@ def strategy_pages(registry: Registry) -> dict[str, str]:
     """{file name: markdown}: per strategy, what it does, its options, and the shipped recipes using it."""
     recipes = shipped_recipes()
     pages = {}
-    for entry in (e for e in registry if e.kind == "strategy"):
+    for entry in (e for e in registry if e.kind == "strategy" and is_own(e)):
         lines = [f"# Strategy `{entry.name}`", "", " ".join((entry.cls.__doc__ or "").split()), "", "## Options", "",
                  options_table(entry.cls.Options), "## Shipped recipes", ""]
         using = [name for name, raw in recipes.items() if (raw.get("strategy") or {"name": "offline"})["name"] == entry.name]

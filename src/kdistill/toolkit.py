@@ -21,6 +21,7 @@ and evaluators are held to the same rule (tests/core/test_layering.py checks it)
 
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +39,7 @@ from kdistill.core.chat import (
     stop_ids,
 )
 from kdistill.core.components import check_pairs
-from kdistill.core.errors import KdistillError
+from kdistill.core.errors import ConfigError, KdistillError
 from kdistill.core.fused import TeacherRows, final_hidden, frozen_outputs, fused_logit_loss, fused_supported, model_dtype
 from kdistill.core.generation import run_generator
 from kdistill.core.models import choose_attention, decoder_layers, load_causal_lm, load_tokenizer, student_from_teacher
@@ -46,17 +47,27 @@ from kdistill.core.plots import bars, histogram, loss_curves, sweep_plot
 from kdistill.core.runtime import pick_device, seed_everything
 from kdistill.core.step import FeatureBridge, LossStep, StepOptions, use_eager_attention, weighted_losses
 
-SET_HELP = "override a recipe field, e.g. --set train.steps=10 --set losses[0].options.temperature=2"
+SET_HELP = ("override a recipe field (the value is YAML), e.g. --set train.steps=10 --set losses[0].options.temperature=2; "
+            "a key ending in [+] appends to a list: --set 'losses[+]={name: tvd, weight: 0.1}'")
 
 # the recipes shipped with kdistill (package data)
 RECIPES_DIR = Path(__file__).resolve().parent / "strategies" / "recipes"
 
 
 def recipe_path(value: Path) -> Path:
-    """A recipe file, or the name of a recipe shipped with kdistill (`kdistill recipes` lists them)."""
-    if not value.exists() and value.suffix == "" and len(value.parts) == 1 and (RECIPES_DIR / f"{value}.yaml").is_file():
+    """A recipe file, or the name of a recipe shipped with kdistill (`kdistill recipes` lists them).
+    A bare name (no folder, no suffix) that is neither raises ConfigError naming the closest shipped recipes."""
+    value = Path(value)
+    if value.exists() or value.suffix != "" or len(value.parts) != 1:
+        return value  # a file (load_recipe says if it is missing)
+    if (RECIPES_DIR / f"{value}.yaml").is_file():
         return RECIPES_DIR / f"{value}.yaml"
-    return value
+    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    ratio = {name: difflib.SequenceMatcher(None, str(value), name).ratio() for name in shipped}
+    close = [name for name in difflib.get_close_matches(str(value), shipped, n=3, cutoff=0.6)
+             if ratio[name] >= max(ratio.values()) - 0.1]  # the names sharing "quickstart-" are all near one another
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"shipped: {', '.join(shipped)}"
+    raise ConfigError(f"{value}: no such recipe file or shipped recipe; {hint} (kdistill recipes lists them)")
 
 
 def plan_recipe(recipe: Path, overrides: Sequence[str] = ()):

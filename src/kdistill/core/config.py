@@ -295,7 +295,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return apply_overrides(raw, overrides)
 
 
-_KEY_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+_KEY_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+|\+)\]")
+APPEND = "[+]"  # a key's last part `[+]` appends the value to the list: --set 'evaluators[+]={name: perplexity}'
 
 
 def _split_key(key: str) -> list[str | int]:
@@ -305,15 +306,24 @@ def _split_key(key: str) -> list[str | int]:
         gap = key[pos:match.start()]
         if gap not in ("", "."):
             raise ConfigError(f"--set {key}: cannot parse the key")
-        parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
+        index = match.group(2)
+        parts.append(match.group(1) if match.group(1) is not None else APPEND if index == "+" else int(index))
         pos = match.end()
     if not parts or pos != len(key):
         raise ConfigError(f"--set {key}: cannot parse the key")
+    if APPEND in parts[:-1]:
+        raise ConfigError(f"--set {key}: [+] appends to a list and must end the key (give the whole item: "
+                          f"--set '{key[:key.index(APPEND) + 3]}={{...}}')")
     return parts
 
 
 def _check_slot(node: Any, part: str | int, key: str) -> None:
-    if isinstance(part, int):
+    if part == APPEND:
+        if not isinstance(node, list):
+            field = key[:key.rindex(APPEND)] or "the recipe"
+            what = "a mapping" if isinstance(node, dict) else "a string" if isinstance(node, str) else type(node).__name__
+            raise ConfigError(f"--set {key}: [+] appends to a list, and {field} is {what}, not a list")
+    elif isinstance(part, int):
         if not isinstance(node, list) or part >= len(node):
             raise ConfigError(f"--set {key}: index [{part}] is out of range")
     elif not isinstance(node, dict):
@@ -321,23 +331,28 @@ def _check_slot(node: Any, part: str | int, key: str) -> None:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply `losses[0].options.temperature=3` style overrides; values are parsed as YAML."""
+    """Apply `losses[0].options.temperature=3` style overrides; values are parsed as YAML. A key ending
+    in `[+]` appends the value to that list (made if the field is absent): `losses[+]={name: tvd}`."""
     raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
-        parts = _split_key(key.strip())
+        parts = _split_key(key)
         value = parse_yaml(text, f"--set {key}")
         node: Any = raw
         for part, nxt in zip(parts[:-1], parts[1:]):
             _check_slot(node, part, key)
             if isinstance(part, str) and node.get(part) is None:
-                node[part] = [] if isinstance(nxt, int) else {}
+                node[part] = [] if isinstance(nxt, int) or nxt == APPEND else {}
             node = node[part]
         last = parts[-1]
         _check_slot(node, last, key)
-        node[last] = value
+        if last == APPEND:
+            node.append(value)
+        else:
+            node[last] = value
     return raw
 
 

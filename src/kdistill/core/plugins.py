@@ -20,14 +20,25 @@ ENTRY_POINT_GROUP = "kdistill"
 BLOCK_ENV = "KDISTILL_BLOCK_PLUGINS"
 
 
+class PluginWarning(UserWarning):
+    """A plugin that cannot be used (it failed to import, or its hook failed); the command line shows it as
+    one `warning: ...` line."""
+
+
 class KdPluginManager(pluggy.PluginManager):
-    """A pluggy manager that also remembers each plugin's distribution and failed imports."""
+    """A pluggy manager that also remembers each plugin's distribution, failed imports and blocked entry points."""
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT)
         self.add_hookspecs(hookspecs)
         self.distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
         self.failures: dict[str, str] = {}  # entry point name -> why it failed to import
+        self.blocked: dict[str, importlib.metadata.EntryPoint] = {}  # entry points skipped for $KDISTILL_BLOCK_PLUGINS
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def blocked_names(environ: dict[str, str] | None = None) -> set[str]:
@@ -50,15 +61,18 @@ def make_plugin_manager(
         pm.set_blocked(name)
     if load_entry_points:
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+            if pm.is_blocked(ep.name):
+                pm.blocked.setdefault(ep.name, ep)
+                continue
+            if pm.has_plugin(ep.name):
                 continue
             dist = (ep.dist.name, ep.dist.version) if ep.dist is not None else ("unknown", "")
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken third-party plugin must not take the CLI down
-                why = f"entry point '{ep.name}' ({ep.value}) of distribution {dist[0]} {dist[1]} failed to import: {type(exc).__name__}: {exc}"
+                why = f"entry point '{ep.name}' ({ep.value}) of distribution {dist[0]} {dist[1]} failed to import: {_first_line(exc)}"
                 pm.failures[ep.name] = why
-                warnings.warn(why, stacklevel=2)
+                warnings.warn(why, PluginWarning, stacklevel=2)
                 continue
             pm.register(plugin, name=ep.name)
             pm.distributions[ep.name] = dist

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
+import os
+import warnings
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping
 
 from kdistill.core.components import KINDS
 from kdistill.core.errors import RegistryError
-from kdistill.core.plugins import KdPluginManager, make_plugin_manager
+from kdistill.core.plugins import BLOCK_ENV, KdPluginManager, make_plugin_manager
+
+
+def _provides(ep: importlib.metadata.EntryPoint) -> dict[str, list[str]]:
+    """kind -> the component names a (blocked) entry point's plugin registers; {} where it cannot be imported
+    or its hooks fail (a blocked plugin may be blocked for being broken)."""
+    out: dict[str, list[str]] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = KdPluginManager()
+            probe.register(ep.load(), name=ep.name)
+            for kind, declared in KINDS.items():
+                for impl in getattr(probe.hook, declared.hook).get_hookimpls():
+                    out.setdefault(kind, []).extend(str(getattr(c, "name", "")) for c in impl.function() or ())
+    except Exception:  # noqa: BLE001 - only the message loses the plugin's name
+        return {}
+    return out
 
 
 @dataclass(frozen=True)
@@ -29,9 +49,12 @@ class Entry:
 class Registry:
     """Read-only view of the installed components. Build it with `Registry.from_plugins`."""
 
-    def __init__(self, entries: Mapping[str, Mapping[str, Entry]], failures: Mapping[str, str] | None = None):
+    def __init__(self, entries: Mapping[str, Mapping[str, Entry]], failures: Mapping[str, str] | None = None,
+                 blocked: Mapping[str, importlib.metadata.EntryPoint] | None = None):
         self._entries = MappingProxyType({k: MappingProxyType(dict(v)) for k, v in entries.items()})
         self.failures = MappingProxyType(dict(failures or {}))
+        self.blocked = MappingProxyType(dict(blocked or {}))  # entry point name -> entry point, per $KDISTILL_BLOCK_PLUGINS
+        self._blocked_provides: dict[str, dict[str, list[str]]] = {}
 
     @classmethod
     def from_plugins(cls, pm: KdPluginManager | None = None) -> "Registry":
@@ -64,7 +87,7 @@ class Registry:
                                 f"as the default ({', '.join(e.source for e in defaults)})")
         if problems:
             raise RegistryError(problems)
-        return cls(entries, pm.failures)
+        return cls(entries, pm.failures, pm.blocked)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._entries[kind])
@@ -86,7 +109,23 @@ class Registry:
         """The component of `kind` marked `is_default`, if one is installed."""
         return next((e for e in self._entries[kind].values() if e.cls.is_default), None)
 
+    def blocked_provider(self, kind: str, name: str) -> str | None:
+        """The blocked entry point that would provide component `name` of `kind`, if one does. Blocked
+        plugins are imported here only, on the way to an error message, each in a manager of its own."""
+        for ep_name, ep in self.blocked.items():
+            if ep_name not in self._blocked_provides:
+                self._blocked_provides[ep_name] = _provides(ep)
+            if name in self._blocked_provides[ep_name].get(kind, ()):
+                return ep_name
+        return None
+
     def unknown_message(self, kind: str, name: str) -> str:
+        ep_name = self.blocked_provider(kind, name) if self.blocked else None
+        if ep_name is not None:
+            ep = self.blocked[ep_name]
+            dist = f" ({ep.dist.name} {ep.dist.version})" if ep.dist is not None else ""
+            return (f"{kind.replace('_', ' ')} '{name}' is provided by plugin '{ep_name}'{dist}, blocked by "
+                    f"{BLOCK_ENV}={os.environ.get(BLOCK_ENV, ep_name).strip()}")
         installed = self.names(kind)
         close = difflib.get_close_matches(name, installed, n=3, cutoff=0.6)
         msg = f"unknown {kind.replace('_', ' ')} '{name}'"
@@ -94,6 +133,8 @@ class Registry:
         msg += f" Installed: {', '.join(installed) if installed else '(none)'}"
         if self.failures:
             msg += "; plugins that failed to import: " + "; ".join(self.failures.values())
+        if self.blocked:
+            msg += f"; plugins blocked by {BLOCK_ENV}: {', '.join(self.blocked)}"
         return msg
 
     def get(self, kind: str, name: str) -> Entry:

@@ -18,14 +18,19 @@ from kdistill.plugins.teachers.hf import HFTeacher
 from kdistill.toolkit import SET_HELP, fail, histogram, model_dtype, plan_recipe, track_side_run
 
 
-def teacher_report(plan, text: str, top_k: int = 10, max_batches: int | None = None):
-    """The teacher's top-k next tokens after `text`, its entropy there, and the per-position
-    entropies (nats) over the recipe's validation split. Returns (rows, entropy, entropies)."""
+def load_teacher(plan):
+    """The recipe's teacher, loaded on the CPU."""
     resolved = plan.one("teacher")
     if resolved is None:
         raise kdistill.KdistillError("teacher: the recipe has no teacher to analyse")
     teacher = resolved.build()
     teacher.load(torch.device("cpu"))
+    return teacher
+
+
+def next_tokens(teacher, text: str, top_k: int = 10) -> tuple[list[tuple[int, str, float]], float]:
+    """The teacher's top-k next tokens after `text` as (rank, decoded token, probability), and its
+    entropy there (nats)."""
     model, tok = teacher.model, teacher.tokenizer
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
@@ -33,11 +38,17 @@ def teacher_report(plan, text: str, top_k: int = 10, max_batches: int | None = N
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[0, -1].double()
     probs = torch.softmax(logits, -1)
-    top = probs.topk(top_k)
+    top = probs.topk(min(top_k, probs.numel()))
     rows = [(i + 1, tok.decode([int(t)]), float(p)) for i, (p, t) in enumerate(zip(top.values, top.indices))]
-    here = float(-(probs * probs.clamp(min=1e-300).log()).sum())
+    return rows, float(-(probs * probs.clamp(min=1e-300).log()).sum())
+
+
+def validation_entropies(plan, teacher, max_batches: int | None = None) -> list[float]:
+    """The teacher's entropy (nats) at every counted position of the recipe's validation split: this
+    loads (tokenizes) the recipe's data and runs the teacher over the whole split, the slow part."""
+    model = teacher.model
     data = plan.one("data").build()
-    data.setup(tok, plan.recipe.train.seed)
+    data.setup(teacher.tokenizer, plan.recipe.train.seed)
     entropies: list[float] = []
     with torch.no_grad():
         for n, batch in enumerate(data.val_batches(plan.recipe.train.eval_batch_size or plan.recipe.train.batch_size)):
@@ -46,7 +57,15 @@ def teacher_report(plan, text: str, top_k: int = 10, max_batches: int | None = N
             out = model(**batch.model_inputs(model_dtype(model)), use_cache=False).logits[batch.mask].double()
             logp = torch.log_softmax(out, -1)
             entropies += (-(logp.exp() * logp).sum(-1)).tolist()
-    return rows, here, entropies
+    return entropies
+
+
+def teacher_report(plan, text: str, top_k: int = 10, max_batches: int | None = None):
+    """The teacher's top-k next tokens after `text`, its entropy there, and the per-position
+    entropies (nats) over the recipe's validation split. Returns (rows, entropy, entropies)."""
+    teacher = load_teacher(plan)
+    rows, here = next_tokens(teacher, text, top_k)
+    return rows, here, validation_entropies(plan, teacher, max_batches)
 
 
 def teacher_check(plan, max_batches: int | None = None) -> dict[str, float]:
@@ -97,34 +116,50 @@ def kd_register_commands(app):
 
     @app.command()
     def analyze(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a shipped recipe"),
-                text: str = typer.Option(..., help="a prompt; the teacher's next-token distribution after it is shown"),
+                text: Optional[str] = typer.Option(None, help="a prompt; the teacher's next-token distribution after it is shown"),
                 top_k: int = typer.Option(10, min=1, help="how many of the most likely tokens to list"),
+                validation: bool = typer.Option(False, "--validation", help="also the teacher's entropy over the recipe's "
+                                                "validation split, with a histogram (loads the data and runs the "
+                                                "teacher over the whole split: minutes on a real recipe)"),
+                max_batches: Optional[int] = typer.Option(None, min=1, help="with --validation: validation batches to use "
+                                                          "(default: all)"),
                 set_: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
-        """What the teacher says: its top-k next tokens and entropy, and its entropy over the validation split."""
+        """What the teacher says: its top-k next tokens and entropy after --text; with --validation, its entropy
+        over the validation split too."""
+        if text is None and not validation:
+            fail(kdistill.KdistillError("analyze: give --text PROMPT, --validation, or both"))
         try:
             plan = plan_recipe(recipe, set_)
-            rows, here, entropies = teacher_report(plan, text, top_k)
+            teacher = load_teacher(plan)
+            if text is not None:
+                rows, here = next_tokens(teacher, text, top_k)
+            entropies = validation_entropies(plan, teacher, max_batches) if validation else []
         except kdistill.KdistillError as exc:
             fail(exc)
-        print(f"teacher's next token after {text!r}:")
-        for rank, token, prob in rows:
-            print(f"  {rank:2d}. {token!r:20s} {prob:.4f}")
-        print(f"entropy here: {here:.4f} nats ({here / math.log(2):.4f} bits)")
-        if entropies:
-            q = statistics.quantiles(entropies, n=10)
-            print(f"over {len(entropies)} validation positions: mean {statistics.fmean(entropies):.3f} nats, "
-                  f"median {statistics.median(entropies):.3f}, 10th-90th percentile {q[0]:.3f}-{q[-1]:.3f}")
-            folder = Path(plan.recipe.output_dir) / "analysis"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = histogram(entropies, "teacher entropy (nats)", "teacher entropy per validation position",
-                             folder / "teacher_entropy.png")
-            report = folder / "teacher_report.json"
-            summary = {"entropy_mean": statistics.fmean(entropies), "entropy_median": statistics.median(entropies),
-                       "entropy_p10": q[0], "entropy_p90": q[-1], "positions": len(entropies)}
-            report.write_text(json.dumps({"text": text, "top_k": [{"rank": r, "token": t, "prob": p} for r, t, p in rows],
-                                          "entropy_here": here, **summary}, indent=1))
-            print(f"histogram: {path}")
-            track_side_run(plan, "analyze", {"text": text[:200], "top_k": top_k}, [summary], [path, report], folder)
+        report: dict = {}
+        if text is not None:
+            print(f"teacher's next token after {text!r}:")
+            for rank, token, prob in rows:
+                print(f"  {rank:2d}. {token!r:20s} {prob:.4f}")
+            print(f"entropy here: {here:.4f} nats ({here / math.log(2):.4f} bits)")
+            report = {"text": text, "top_k": [{"rank": r, "token": t, "prob": p} for r, t, p in rows], "entropy_here": here}
+        if not validation:
+            return
+        if not entropies:
+            fail(kdistill.KdistillError("data: the validation split is empty; --validation needs validation data"))
+        q = statistics.quantiles(entropies, n=10) if len(entropies) > 1 else [entropies[0]] * 9
+        print(f"over {len(entropies)} validation positions: mean {statistics.fmean(entropies):.3f} nats, "
+              f"median {statistics.median(entropies):.3f}, 10th-90th percentile {q[0]:.3f}-{q[-1]:.3f}")
+        folder = Path(plan.recipe.output_dir) / "analysis"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = histogram(entropies, "teacher entropy (nats)", "teacher entropy per validation position",
+                         folder / "teacher_entropy.png")
+        summary = {"entropy_mean": statistics.fmean(entropies), "entropy_median": statistics.median(entropies),
+                   "entropy_p10": q[0], "entropy_p90": q[-1], "positions": len(entropies)}
+        json_path = folder / "teacher_report.json"
+        json_path.write_text(json.dumps({**report, **summary}, indent=1))
+        print(f"histogram: {path}")
+        track_side_run(plan, "analyze", {"text": (text or "")[:200], "top_k": top_k}, [summary], [path, json_path], folder)
 
     @app.command("teacher-check")
     def teacher_check_command(recipe: Path = typer.Argument(..., help="recipe YAML whose hf teacher sets quantization"),
