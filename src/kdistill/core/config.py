@@ -58,9 +58,21 @@ class LossSpec(ComponentSpec):
 
 
 class FromTeacher(StaticModel):
-    """Initialise the student from these teacher layers (DistilBERT-style)."""
+    """Initialise the student from teacher layers (DistilBERT-style): the ones listed, or the `keep_layers`
+    most important by a measure taken on the recipe's data (see docs/students.md)."""
 
-    layers: list[Count] = Field(min_length=1)
+    layers: list[Count] | None = Field(None, min_length=1, description="the teacher layers to keep, in order")
+    keep_layers: PositiveCount | None = Field(None, description="keep this many layers, the most important by `by`")
+    by: Literal["block-influence", "removal-kl"] = Field(
+        "block-influence", description="block-influence: 1 - cosine between a layer's input and output (ShortGPT); "
+        "removal-kl: how far the teacher's output distribution moves (KL) when the layer alone is skipped")
+    calibration_batches: PositiveCount = Field(4, description="training batches of the recipe's data the measure reads")
+
+    @pydantic.model_validator(mode="after")
+    def _layers_or_keep(self) -> "FromTeacher":
+        if (self.layers is None) == (self.keep_layers is None):
+            raise ValueError("give exactly one of layers (a list) and keep_layers (a count)")
+        return self
 
 
 class LoraSpec(StaticModel):

@@ -8,6 +8,7 @@ DeepSpeed) is `backends.py`'s; the output folder's rules `run_folder.py`'s; what
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -19,10 +20,10 @@ import torch
 from kdistill.__about__ import __version__
 from kdistill.core import checkpoint as ckpt
 from kdistill.core import components as kinds
-from kdistill.core import run_folder, summary
+from kdistill.core import layer_choice, run_folder, summary
 from kdistill.core.backends import make_backend
 from kdistill.core.config import Plan, _typed, apply_overrides, load_recipe, required, resolve
-from kdistill.core.errors import KdistillError, RunFailed, guarded, os_error_line
+from kdistill.core.errors import ConfigError, KdistillError, RunFailed, guarded, os_error_line
 from kdistill.core.generation import run_generator
 from kdistill.core.models import build_student, check_positions, check_shared_vocabulary, choose_attention
 from kdistill.core.plugins import KdPluginManager, make_plugin_manager
@@ -59,17 +60,29 @@ class Engine:
         if self.teacher is not None:
             with self.console.status("loading the teacher"):
                 self.teacher.load(self.device)
+        cut = recipe.student.from_teacher
+        if cut is not None and cut.keep_layers is not None and self.teacher is not None and self.teacher.model is not None:
+            layer_choice.check_keep_layers(cut.keep_layers, self.teacher.model)  # before a generator writes anything
         if self.is_main:  # a generator's output (the data, usually) is written first when not complete
             run_generator(plan, self.teacher, self.device, lambda text: self.console.print(text, soft_wrap=True), first=True)
         self.backend.barrier()
         teacher_tokenizer = self.teacher.tokenizer if self.teacher else None
-        self.student, self.tokenizer = build_student(recipe.student, self.teacher.model if self.teacher else None, teacher_tokenizer)
+        self.data = required(plan.build("data", kinds.DataSource))
+        student_spec = recipe.student
+        self.layer_choice: dict[str, Any] | None = None
+        if cut is not None and cut.keep_layers is not None:
+            teacher_model = self.teacher.model if self.teacher is not None else None
+            if teacher_model is None:
+                raise ConfigError("student.from_teacher.keep_layers: measuring the teacher's layers needs its model "
+                                  "(a cached teacher: set teacher.options.load_source: true)")
+            student_spec = self._choose_layers(cut, cut.keep_layers, teacher_model, teacher_tokenizer)
+        self.student, self.tokenizer = build_student(student_spec, self.teacher.model if self.teacher else None, teacher_tokenizer)
         check_shared_vocabulary(teacher_tokenizer, self.tokenizer, [item.entry.cls for item in plan.components["losses"]])
         self.student.to(self.device).train()
         choose_attention(self.student, self.device)
-        self.data = required(plan.build("data", kinds.DataSource))
-        with self.console.status("reading and tokenizing the data"):
-            self.data.setup(self.tokenizer, t.seed)
+        if self.layer_choice is None or self.tokenizer is not teacher_tokenizer:
+            with self.console.status("reading and tokenizing the data"):
+                self.data.setup(self.tokenizer, t.seed)
         check_positions(self.data.train_batch(0, 1).input_ids.shape[1], {"student": self.student, "teacher": getattr(
             self.teacher, "model", None)}, "data.options.seq_len" if hasattr(self.data.options, "seq_len") else "data")
         self.weights = [item.weight for item in plan.components["losses"]]  # numbers or schedules
@@ -98,6 +111,22 @@ class Engine:
         self.flops_per_token = 2 * teacher_params + 6 * sum(p.numel() for p in params)
         self.skipped_steps = 0
         self.best_metric = t.best_metric or next((e.best_metric for e in self.evaluators if e.best_metric), None)
+
+    def _choose_layers(self, cut: Any, keep: int, teacher_model: Any, tokenizer: Any) -> Any:
+        """The student spec with the `keep` teacher layers that `cut.by` ranks highest, measured on the first
+        training batches of the recipe's data (read with the teacher's tokenizer)."""
+        spec, t = self.recipe.student, self.recipe.train
+        with self.console.status("reading and tokenizing the data"):
+            self.data.setup(tokenizer, t.seed)
+        batches = [self.data.train_batch(i, t.batch_size).to(self.device) for i in range(cut.calibration_batches)]
+        with self.console.status(f"measuring the teacher's layers ({cut.by}, {len(batches)} batches)"):
+            scores = layer_choice.layer_scores(teacher_model, batches, cut.by)
+        kept = layer_choice.keep(scores, keep)
+        self.layer_choice = {"by": cut.by, "keep_layers": keep, "calibration_batches": len(batches),
+                             "scores": scores, "layers": kept}
+        self.console.print(f"student.from_teacher: kept teacher layers {kept} of {len(scores)}, by {cut.by} "
+                           f"(scores {', '.join(f'{v:.3g}' for v in scores)})", soft_wrap=True)
+        return spec.model_copy(update={"from_teacher": cut.model_copy(update={"layers": kept})})
 
     def val_batches(self):
         size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
@@ -171,6 +200,9 @@ class Engine:
         self.out.mkdir(parents=True, exist_ok=True)
         recipe = self.recipe.model_dump(mode="json")
         files = run_folder.write_run_files(self.out, recipe, self.registry) if self.is_main else []
+        if self.layer_choice is not None and self.is_main:  # which teacher layers were measured and kept, and why
+            (self.out / "layer_choice.json").write_text(json.dumps(self.layer_choice, indent=1))
+            files.append(self.out / "layer_choice.json")
         self.tracker.start(self.recipe.run_name or self.out.name, summary.flatten(recipe), str(self.out))
         for path in files if start_from is None else ():
             self.tracker.log_artifact(str(path))
