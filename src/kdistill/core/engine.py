@@ -20,7 +20,7 @@ import torch
 from kdistill.__about__ import __version__
 from kdistill.core import checkpoint as ckpt
 from kdistill.core import components as kinds
-from kdistill.core import layer_choice, run_folder, summary
+from kdistill.core import layer_choice, model_card, run_folder, summary
 from kdistill.core.backends import make_backend
 from kdistill.core.config import Plan, _typed, apply_overrides, load_recipe, required, resolve
 from kdistill.core.errors import ConfigError, KdistillError, RunFailed, guarded, os_error_line
@@ -339,6 +339,8 @@ class Engine:
         result = {"output_dir": str(self.out), "final_model": str(final), "before": before, "after": last}
         if not self.is_main:
             return result
+        parameters = sum(p.numel() for n, p in self.student.named_parameters() if ".lora_" not in n)  # as merged
+        model_card.write_model_card(final, self.recipe.model_dump(mode="json"), result, parameters, self.layer_choice)
         self.tracker.log_model(str(final))  # type: ignore[union-attr]  # main only: never summary.NoTracker
         plot = summary.plot_losses(self.history, self.out)
         if plot is not None:
