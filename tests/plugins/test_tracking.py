@@ -246,6 +246,7 @@ def test_compare_url_names_the_runs_of_the_folders(store, tmp_path, capsys):
     assert url.startswith("http://127.0.0.1:5000/#/compare-runs?")
     query = urllib.parse.parse_qs(url.split("?", 1)[1])
     assert json.loads(query["runs"][0]) == ids and len(json.loads(query["experiments"][0])) == 1
+    assert query["workflowType"] == ["machine_learning"]  # the MLflow 3.17 UI's "Model training" side
     main([str(tmp_path / "a"), str(tmp_path / "b"), "--ui", "http://h:1/"])
     assert capsys.readouterr().out.strip() == url.replace("http://127.0.0.1:5000", "http://h:1")
 

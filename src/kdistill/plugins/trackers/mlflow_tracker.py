@@ -350,7 +350,8 @@ def describe(params: Mapping[str, Any], summary: Mapping[str, Any] | None, most:
         return text
     before, after = summary.get("before") or {}, summary.get("after") or {}
     keys = [k for k in after if k.startswith(("val/", "retention/"))] or [k for k in after if k.startswith("train/loss")]
-    figures = [f"{k} {_figure(before[k])} -> {_figure(after[k])}" if k in before else f"{k} {_figure(after[k])}" for k in keys]
+    figures = [f"{k} {_figure(before[k])} -> {_figure(after[k])}" if k in before and before[k] != after[k]
+               else f"{k} {_figure(after[k])}{' (unchanged)' if k in before else ''}" for k in keys]
     if figures:
         more = f" ({len(figures) - most} more in the run's metrics)" if len(figures) > most else ""
         text += f" Before -> after training: {'; '.join(figures[:most])}{more}."
@@ -385,7 +386,8 @@ def compare_url(run_folders: list[str | Path], ui: str = "http://127.0.0.1:5000"
         runs.append(record["run_id"])
         experiment = MlflowClient(tracking_uri=record.get("tracking_uri")).get_run(record["run_id"]).info.experiment_id
         experiments += [experiment] if experiment not in experiments else []
-    query = urllib.parse.urlencode({"runs": json.dumps(runs), "experiments": json.dumps(experiments)}, quote_via=urllib.parse.quote)
+    query = urllib.parse.urlencode({"runs": json.dumps(runs, separators=(",", ":")), "experiments": json.dumps(
+        experiments, separators=(",", ":")), "workflowType": "machine_learning"}, quote_via=urllib.parse.quote)
     return f"{ui.rstrip('/')}/#/compare-runs?{query}"
 
 
