@@ -40,8 +40,10 @@ def test_version():
 
 
 def test_the_old_module_path_still_runs_the_command_line_until_0_2():
-    old = subprocess.run([sys.executable, "-m", "kdistill.core.cli", "recipes"], capture_output=True, text=True, timeout=300)
-    assert old.returncode == 0 and old.stdout == kdistill("recipes").stdout and "quickstart " in old.stdout
+    width = {"COLUMNS": "100"}  # `recipes` wraps to the terminal's width
+    old = subprocess.run([sys.executable, "-m", "kdistill.core.cli", "recipes"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **width})
+    assert old.returncode == 0 and old.stdout == kdistill("recipes", env=width).stdout and "quickstart " in old.stdout
 
 
 def test_plugins_lists_builtins():
