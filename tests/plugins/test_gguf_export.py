@@ -4,6 +4,8 @@ tolerances and the same top-1 token), the same token ids, the chat template; bad
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,6 +64,8 @@ def students(tmp_path_factory):
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=tied, rope_parameters=rope, **shape))
         folders[name] = save(root / f"run-{name}" / "final", model, tok)
+    (folders["tied"] / "README.md").write_text("---\nlibrary_name: transformers\nlicense: apache-2.0\n"
+                                               "tags: [kdistill, knowledge-distillation]\n---\n# run-tied: a student\n")
     torch.manual_seed(1)
     mistral = MistralForCausalLM(MistralConfig(vocab_size=len(tok), sliding_window=None, rope_parameters=rope, **shape))
     folders["mistral"] = save(root / "mistral-student", mistral, tok)
@@ -166,6 +170,8 @@ def test_default_output_is_in_the_folder_named_by_dtype_and_run(students):
         assert stdout.startswith(f"{out}: ") and ", f16, 20 tensors" in stdout
         fields = gguf.GGUFReader(out).fields
         assert fields["general.name"].contents() == "run-tied"  # final/ is named after its run
+        assert fields["general.tags"].contents() == ["kdistill", "knowledge-distillation"]  # from the model card
+        assert fields["general.license"].contents() == "apache-2.0"
         assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
         assert fields["tokenizer.ggml.model"].contents() == "gpt2" and fields["tokenizer.ggml.pre"].contents() == "gpt-2"
         assert fields["tokenizer.ggml.add_bos_token"].contents() is False
@@ -203,6 +209,23 @@ def test_other_bad_input_is_one_line_each(students, tmp_path, monkeypatch):
         (tmp_path / "empty",): f"{tmp_path / 'empty'}: no config.json; give a folder written by save_pretrained (a run's final/)",
         (students["tied"], "--dtype", "q4_0", "--out", tmp_path / "x.gguf"): "--dtype: 'q4_0'; one of f32, f16, q8_0",
     }
+    spm = tmp_path / "spm"  # a sentencepiece-style tokenizer: Metaspace, byte fallback
+    shutil.copytree(students["tied"], spm)
+    spec = json.loads((spm / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": []}
+    (spm / "tokenizer.json").write_text(json.dumps(spec))
+    cases[(spm,)] = (f"{spm / 'tokenizer.json'}: GGUF export writes byte-level BPE tokenizers (GPT-2 style); this one is "
+                     "BPE with decoder Sequence and byte fallback (sentencepiece style)")
+    split = tmp_path / "split"  # byte-level, but cut by a rule it does not know
+    shutil.copytree(students["tied"], split)
+    spec = json.loads((split / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\s+"}, "behavior": "Isolated", "invert": False},
+        {**spec["pre_tokenizer"], "use_regex": False}]}
+    (split / "tokenizer.json").write_text(json.dumps(spec))
+    cases[(split,)] = (f"{split / 'tokenizer.json'}: GGUF export recognises the pre-tokenizers GPT-2's (gpt-2), SmolLM's "
+                       "(smollm), Llama 3's (llama-bpe); this one is Split + ByteLevel")
     for args, line in cases.items():
         assert cli_result("export-gguf", *args) == (2, "", f"error: {line}\n")
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed

@@ -211,7 +211,10 @@ def vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise kdistill.KdistillError(f"{folder}: cannot load the tokenizer: {(str(exc).splitlines() or [''])[0]}") from exc
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     if by_id and max(by_id) >= vocab_size:
         raise kdistill.KdistillError(f"{folder}: the tokenizer has id {max(by_id)}, the model only {vocab_size} embeddings")
@@ -354,10 +357,10 @@ def export_gguf(folder: Path, out: Optional[Path] = None, dtype: str = DEFAULT_D
     config = read_config(folder)
     architecture = ARCHITECTURES[config["model_type"]]
     out = Path(out) if out is not None else default_output(folder, dtype)
-    if out.exists() and not overwrite:
-        raise kdistill.KdistillError(f"{out}: exists; pass --overwrite to replace it")
     if out.is_dir():
         raise kdistill.KdistillError(f"{out}: a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise kdistill.KdistillError(f"{out}: exists; pass --overwrite to replace it")
     hyper = hyperparameters(folder, config)
     gguf = import_gguf()
     vocab = vocabulary(folder, hyper.vocab)
@@ -371,7 +374,11 @@ def export_gguf(folder: Path, out: Optional[Path] = None, dtype: str = DEFAULT_D
         size = math.prod(gguf.quant_shape_to_byte_shape(item.shape, item.qtype))
         writer.add_tensor_info(item.name, item.shape, None, size, raw_dtype=item.qtype)
     # authorship from the model card and folder, as llama.cpp's converter collects it
-    metadata = gguf.Metadata.load(None, folder, None, writer.get_total_parameter_count()[0])
+    try:
+        metadata = gguf.Metadata.load(None, folder, None, writer.get_total_parameter_count()[0])
+    except Exception as exc:  # a model card's front matter that is not YAML, a generation_config that is not JSON
+        raise kdistill.KdistillError(f"{folder}: cannot read the model card's metadata (README.md front matter, "
+                                     f"generation_config.json): {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from exc
     metadata.name = model_name(folder)
     if metadata.size_label is None:
         metadata.size_label = gguf.size_label(*writer.get_total_parameter_count())
