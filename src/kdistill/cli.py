@@ -60,6 +60,16 @@ def main_callback(version: bool = typer.Option(False, "--version", callback=_ver
     pass
 
 
+VERBOSE_HELP = "keep the libraries' own progress bars and INFO lines (transformers, datasets, MLflow)"
+
+
+def _verbose(verbose: bool) -> None:
+    if verbose:
+        from kdistill.core.summary import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
+
+
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a shipped recipe"),
              set_: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
@@ -78,10 +88,12 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a s
         resume: bool = typer.Option(False, "--resume", help="continue from the latest complete checkpoint"),
         resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="continue from this checkpoint folder (no fallback)"),
         force: bool = typer.Option(False, "--force", help="resume even where the recipe or data differ from the checkpoint's"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="discard this output folder's checkpoints and models")) -> None:
-    """Distill as the recipe says."""
+        overwrite: bool = typer.Option(False, "--overwrite", help="discard this output folder's checkpoints and models"),
+        verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP)) -> None:
+    """Distill as the recipe says. Results go to stdout, progress and warnings to stderr."""
     from kdistill.core.engine import run_recipe
 
+    _verbose(verbose)
     try:
         run_recipe(recipe_path(recipe), overrides=set_, resume=resume, overwrite=overwrite, resume_from=resume_from,
                    force=force)
@@ -93,8 +105,10 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML, or the name of a s
 def generate(recipe: Path = typer.Argument(..., help="recipe YAML with a generator section"),
              set_: List[str] = typer.Option([], "--set", help=SET_HELP),
              overwrite: bool = typer.Option(False, "--overwrite", help="replace output written by another teacher, "
-                                            "other options or other prompts")) -> None:
+                                            "other options or other prompts"),
+             verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP)) -> None:
     """Have the recipe's teacher write its generator's dataset (resumable); `kdistill run` does this first when needed."""
+    _verbose(verbose)
     import torch
 
     from kdistill import TeacherProvider
