@@ -97,7 +97,7 @@ def llama3_rope_factors(rope: dict[str, Any], theta: float, head_dim: int) -> li
     """Llama 3's rope scaling as llama.cpp takes it (the `rope_freqs` tensor): for each rotary frequency,
     the number it is divided by. Long wavelengths are slowed by `factor`, short ones kept, and the band
     between blended smoothly (Meta's formula, which transformers' `llama3` rope type computes too)."""
-    factor = float(rope["factor"])
+    factor = float(rope.get("factor", 8.0))
     low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
     original = float(rope.get("original_max_position_embeddings", 8192))
     factors = []
