@@ -215,7 +215,38 @@ def test_analyze_with_text_only_does_not_read_the_validation_data(tiny_assets, t
     assert scan.stderr.splitlines()[-1] == (f"error: data.options.paths: {corpus} is not utf-8 text "
                                             "(invalid continuation byte at byte 25)")
     neither = cli("analyze", str(path))
-    assert neither.returncode == 2 and neither.stderr == "error: analyze: give --text PROMPT, --validation, or both\n"
+    assert neither.returncode == 2 and neither.stderr == "error: analyze: give --text PROMPT, --validation, --layers MEASURE, or several\n"
+
+
+def test_analyze_layers_scores_every_teacher_layer_without_training(tiny_assets, tmp_path):
+    """--layers prints each teacher layer's score and rank, and which keep_layers would keep, as a run would choose."""
+    import json
+
+    import torch
+
+    from conftest import tiny_recipe, write_recipe
+    from kdistill.toolkit import keep_layers, layer_scores, load_causal_lm, load_tokenizer
+
+    raw = tiny_recipe(tiny_assets, tmp_path / "out")
+    raw["student"] = {"from_teacher": {"keep_layers": 2, "calibration_batches": 2}}
+    out = cli("analyze", str(write_recipe(tmp_path / "r.yaml", raw)), "--layers", "block-influence")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "analysis" / "layer_scores.json").read_text())
+    assert len(report["scores"]) == 4 and report["layers"] == keep_layers(report["scores"], 2)
+    # the same scores as measured here on the recipe's first two training batches
+    from kdistill.plugins.data.text_files import TextFiles
+
+    data = TextFiles(TextFiles.Options(**raw["data"]["options"]))
+    data.setup(load_tokenizer(tiny_assets["teacher"], "t"), 0)
+    teacher = load_causal_lm(tiny_assets["teacher"], "t").eval()
+    with torch.no_grad():
+        expected = layer_scores(teacher, [data.train_batch(i, 4) for i in range(2)], "block-influence")
+    assert report["scores"] == expected
+    lines = out.stdout.splitlines()
+    assert lines[0] == "teacher layers by block-influence (2 calibration batches; higher matters more):"
+    assert lines[1] == "| layer | score | rank | kept (keep_layers 2) |" and len(lines) == 3 + 4 + 1
+    bad = cli("analyze", str(write_recipe(tmp_path / "r.yaml", raw)), "--layers", "cosine")
+    assert bad.returncode == 2 and bad.stderr == "error: --layers: 'cosine' is not a measure; give one of block-influence, removal-kl\n"
 
 
 def test_signed_sum():

@@ -10,7 +10,8 @@ and evaluators are held to the same rule (tests/core/test_layering.py checks it)
 - Frozen models (a teacher, an EMA copy): `frozen_outputs`; `model_dtype` for `Batch.model_inputs`.
 - Hidden states and attention maps of chosen layers: `capture`, `num_layers`, `check_pairs`.
 - Models: `load_causal_lm`, `load_tokenizer`, `student_from_teacher`, `decoder_layers`,
-  `choose_attention` (SDPA, or flash attention 2 on CUDA where installed).
+  `choose_attention` (SDPA, or flash attention 2 on CUDA where installed); `layer_scores` (each teacher
+  layer's importance: block influence or removal KL) and `keep_layers` (the highest-scoring ones).
 - Conversations: `read_table` (local data through `datasets`), `prompt_ids` (a prompt in the chat
   template), `sample_completions` (batched generation with a KV cache; `sample_completions_with_logits`
   also gives the stop token and the raw logits of every generated token), `stop_ids`, `check_chat_template`.
@@ -42,6 +43,8 @@ from kdistill.core.components import check_pairs
 from kdistill.core.errors import ConfigError, KdistillError
 from kdistill.core.fused import TeacherRows, final_hidden, frozen_outputs, fused_logit_loss, fused_supported, model_dtype
 from kdistill.core.generation import run_generator
+from kdistill.core.layer_choice import keep as keep_layers
+from kdistill.core.layer_choice import layer_scores
 from kdistill.core.models import choose_attention, decoder_layers, load_causal_lm, load_tokenizer, student_from_teacher
 from kdistill.core.plots import bars, histogram, loss_curves, sweep_plot
 from kdistill.core.runtime import pick_device, seed_everything
@@ -113,5 +116,5 @@ __all__ = [
     "weighted_losses", "attention_module", "bars", "capture", "check_pairs", "choose_attention",
     "decoder_layers", "fail", "final_hidden", "frozen_outputs", "fused_logit_loss", "fused_supported", "histogram",
     "load_causal_lm", "load_tokenizer", "loss_curves", "model_dtype", "num_layers", "pick_device", "plan_recipe", "recipe_path",
-    "run_generator", "seed_everything", "student_from_teacher", "sweep_plot", "track_side_run",
+    "run_generator", "seed_everything", "student_from_teacher", "keep_layers", "layer_scores", "sweep_plot", "track_side_run",
 ]

@@ -15,7 +15,7 @@ import kdistill
 from kdistill import ConfigError
 from kdistill.evaluators.agreement import agreement_sums
 from kdistill.plugins.teachers.hf import HFTeacher
-from kdistill.toolkit import SET_HELP, fail, histogram, model_dtype, plan_recipe, track_side_run
+from kdistill.toolkit import SET_HELP, fail, histogram, keep_layers, layer_scores, model_dtype, plan_recipe, track_side_run
 
 
 def load_teacher(plan):
@@ -110,6 +110,35 @@ def teacher_check(plan, max_batches: int | None = None) -> dict[str, float]:
             "quantization": resolved.options.quantization}
 
 
+LAYER_MEASURES = ("block-influence", "removal-kl")
+
+
+def layer_report(plan, teacher, by: str) -> dict:
+    """Each teacher layer's score by `by` on the recipe's first training batches (as many as the recipe's
+    student.from_teacher.calibration_batches, else 4), and which `keep_layers` would keep where the recipe says."""
+    cut = plan.recipe.student.from_teacher
+    n_batches = cut.calibration_batches if cut is not None else 4
+    data = plan.one("data").build()
+    data.setup(teacher.tokenizer, plan.recipe.train.seed)
+    batches = [data.train_batch(i, plan.recipe.train.batch_size) for i in range(n_batches)]
+    scores = layer_scores(teacher.model, batches, by)
+    report: dict = {"by": by, "calibration_batches": n_batches, "scores": scores}
+    if cut is not None and cut.keep_layers is not None:
+        report.update({"keep_layers": cut.keep_layers, "layers": keep_layers(scores, min(cut.keep_layers, len(scores)))})
+    return report
+
+
+def print_layer_report(report: dict) -> None:
+    scores = report["scores"]
+    rank = {layer: i + 1 for i, layer in enumerate(sorted(range(len(scores)), key=lambda i: (-scores[i], i)))}
+    kept = set(report.get("layers", []))
+    print(f"teacher layers by {report['by']} ({report['calibration_batches']} calibration batches; higher matters more):")
+    print("| layer | score | rank |" + (f" kept (keep_layers {report['keep_layers']}) |" if kept else ""))
+    print("|---|---|---|" + ("---|" if kept else ""))
+    for layer, score in enumerate(scores):
+        print(f"| {layer} | {score:.4g} | {rank[layer]} |" + (f" {'yes' if layer in kept else ''} |" if kept else ""))
+
+
 @kdistill.hookimpl
 def kd_register_commands(app):
     import typer
@@ -123,19 +152,31 @@ def kd_register_commands(app):
                                                 "teacher over the whole split: minutes on a real recipe)"),
                 max_batches: Optional[int] = typer.Option(None, min=1, help="with --validation: validation batches to use "
                                                           "(default: all)"),
+                layers: Optional[str] = typer.Option(None, "--layers", help="score every teacher layer by this measure "
+                                                     "(block-influence or removal-kl) on the recipe's first training "
+                                                     "batches, as student.from_teacher.keep_layers would, without training"),
                 set_: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
         """What the teacher says: its top-k next tokens and entropy after --text; with --validation, its entropy
-        over the validation split too."""
-        if text is None and not validation:
-            fail(kdistill.KdistillError("analyze: give --text PROMPT, --validation, or both"))
+        over the validation split too; with --layers, how much each of its layers matters."""
+        if text is None and not validation and layers is None:
+            fail(kdistill.KdistillError("analyze: give --text PROMPT, --validation, --layers MEASURE, or several"))
+        if layers is not None and layers not in LAYER_MEASURES:
+            fail(kdistill.KdistillError(f"--layers: {layers!r} is not a measure; give one of {', '.join(LAYER_MEASURES)}"))
         try:
             plan = plan_recipe(recipe, set_)
             teacher = load_teacher(plan)
             if text is not None:
                 rows, here = next_tokens(teacher, text, top_k)
             entropies = validation_entropies(plan, teacher, max_batches) if validation else []
+            scored = layer_report(plan, teacher, layers) if layers is not None else None
         except kdistill.KdistillError as exc:
             fail(exc)
+        if scored is not None:
+            print_layer_report(scored)
+            folder = Path(plan.recipe.output_dir) / "analysis"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "layer_scores.json").write_text(json.dumps(scored, indent=1))
+            print(f"scores: {folder / 'layer_scores.json'}")
         report: dict = {}
         if text is not None:
             print(f"teacher's next token after {text!r}:")
