@@ -215,6 +215,44 @@ def test_log_model_reference_and_none_copy_nothing(tiny_assets, store, tmp_path)
             assert [(m.key, m.value, m.step) for m in model.metrics] == [("val/x", 1.0, 2)]
 
 
+def test_the_model_card_is_the_students_readme_where_there_is_one(tiny_assets, store, tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from kdistill.plugins.trackers.mlflow_tracker import MlflowTracker
+
+    attempts = no_network(monkeypatch)
+    folder = tmp_path / "final"
+    shutil.copytree(tiny_assets["teacher"], folder)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n\nThe student's own card.\n")
+    tracker = MlflowTracker(MlflowTracker.Options(experiment="card", tracking_uri=store))
+    tracker.start("r", {}, str(tmp_path / "r"))
+    tracker.log_model(str(folder))
+    tracker.finish()
+    client = MlflowClient(tracking_uri=store)
+    (model,) = client.search_logged_models(experiment_ids=[client.get_experiment_by_name("card").experiment_id])
+    stored = Path(model.artifact_location.removeprefix("file://"))  # a local store's folder
+    assert "The student's own card." in (stored / "model_card.md").read_text() and attempts == []
+
+
+def test_with_mlflow_2_the_student_is_logged_as_files_as_before(tiny_assets, store, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from kdistill.plugins.trackers.mlflow_tracker import MlflowTracker
+
+    monkeypatch.delattr(mlflow, "create_external_model")  # what tells MLflow 2 (no logged models) from 3
+    tracker = MlflowTracker(MlflowTracker.Options(experiment="mlflow2", tracking_uri=store))
+    tracker.start("r", {}, str(tmp_path / "r"))
+    tracker.log_model(tiny_assets["teacher"])
+    tracker.finish()
+    client = MlflowClient(tracking_uri=store)
+    assert "model/config.json" in {a.path for a in client.list_artifacts(tracker.run_id, "model")}
+    assert client.search_logged_models(experiment_ids=[client.get_experiment_by_name("mlflow2").experiment_id]) == []
+
+
 def test_secrets_in_urls_and_secret_named_options_are_not_logged(store, tmp_path):
     from mlflow.tracking import MlflowClient
 

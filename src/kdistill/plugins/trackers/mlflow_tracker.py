@@ -78,7 +78,7 @@ class MlflowTracker(kdistill.Tracker):
         self._failed = False  # after the first MLflow failure only the local file is written
         self._last_step = 0
         self._params = dict(params)
-        self._tags = run_tags(params)
+        self._tags: dict[str, str] = {}
         self._local = JsonlTracker()
         self._local.start(run_name, params, output_dir)
         # fail fast against an unreachable server instead of retrying for minutes
@@ -86,6 +86,7 @@ class MlflowTracker(kdistill.Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         try:
+            self._tags = run_tags(params)
             import mlflow
 
             # mlflow configures its own INFO logging on import; its lines would drown the progress bar
@@ -172,6 +173,8 @@ class MlflowTracker(kdistill.Tracker):
             return self._local.log_model(str(folder)) if mode == "full" else None
         try:
             self._mlflow.set_tag("kdistill.final_model", str(folder))
+            if not hasattr(self._mlflow, "create_external_model"):  # MLflow 2 has no logged models: files, as before
+                return self.log_artifact(str(folder), "model") if mode == "full" else None
             if mode == "reference":
                 self._log_reference(folder)
             elif mode == "full":
@@ -190,16 +193,21 @@ class MlflowTracker(kdistill.Tracker):
         transformers 5.18 and later, as of MLflow 3.17). Nothing is fetched from the network."""
         try:
             import mlflow.transformers
+            import transformers
             from huggingface_hub import ModelCard
+            from packaging.version import Version
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             remote = bool(self._params.get("student.trust_remote_code") or self._params.get("teacher.options.trust_remote_code"))
             load = {"local_files_only": True, "trust_remote_code": remote}
-            model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, dtype="auto", **load)
+            dtype = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # the weights' own
+            model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, **{dtype: "auto"}, **load)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), **load)
-            # our own card: MLflow would look for one (and a license) on the Hugging Face Hub under the folder's name
-            card = ModelCard(f"---\nlibrary_name: transformers\ntags: [kdistill, distillation]\n---\n\n"
-                             f"{describe(self._params, None)}\n")
+            # a card of our own (the folder's README.md where there is one): else MLflow would look for one, and for a
+            # license, on the Hugging Face Hub under the folder's name
+            readme = folder / "README.md"
+            card = ModelCard.load(readme) if readme.is_file() else ModelCard(
+                f"---\nlibrary_name: transformers\ntags: [kdistill, distillation]\n---\n\n{describe(self._params, None)}\n")
             mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name="student", task="text-generation",
                                           model_card=card, pip_requirements=_requirements(), step=self._last_step,
                                           tags=self._model_tags())
