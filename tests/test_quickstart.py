@@ -37,6 +37,12 @@ def test_quickstart_distills_the_real_teacher(tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_id == summary["mlflow_run_id"]
     assert run.data.metrics["val/student_ppl"] == pytest.approx(after)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 24
-    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    # the student is the run's logged MLflow model (transformers flavor), loadable through MLflow
+    import mlflow
+
+    (logged,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert logged.source_run_id == run.info.run_id
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow.transformers.load_model(f"models:/{logged.model_id}").model.config.num_hidden_layers == 6
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "quickstart" / "final", local_files_only=True)
     assert model.config.num_hidden_layers == 6

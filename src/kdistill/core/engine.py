@@ -341,14 +341,14 @@ class Engine:
             return result
         parameters = sum(p.numel() for n, p in self.student.named_parameters() if ".lora_" not in n)  # as merged
         model_card.write_model_card(final, self.recipe.model_dump(mode="json"), result, parameters, self.layer_choice)
-        self.tracker.log_model(str(final))  # type: ignore[union-attr]  # main only: never summary.NoTracker
+        self.tracker.log_model(str(final))
         plot = summary.plot_losses(self.history, self.out)
         if plot is not None:
             self.tracker.log_artifact(str(plot), "plots")
         disk = summary.disk_usage(self.out, self.ckpt_root, self.saved_checkpoints, self.recipe.train.keep_checkpoints)
         result = summary.write_summary(self.out, {**result, "best": self._best, "best_metric": self.best_metric, "disk": disk},
                                        self.tracker)
-        self.tracker.log_summary(result)  # type: ignore[union-attr]
+        self.tracker.log_summary(result)
         summary.print_summary(summary.results_console(), result)
         return result
 

@@ -187,7 +187,8 @@ def print_summary(console, summary: dict[str, Any]) -> None:
         console.print(disk_line(summary["output_dir"], summary["disk"]), soft_wrap=True)
     if "mlflow_tracking_uri" in summary:
         console.print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}; "
-                      f"see it with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}", soft_wrap=True)
+                      f"see it with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']} "
+                      "(then choose Model training in the UI's sidebar; docs/tracking.md)", soft_wrap=True)
 
 
 class NoTracker:
@@ -200,6 +201,12 @@ class NoTracker:
         pass
 
     def log_artifact(self, *args, **kwargs):
+        pass
+
+    def log_model(self, *args, **kwargs):
+        pass
+
+    def log_summary(self, *args, **kwargs):
         pass
 
     def finish(self, *args, **kwargs):
