@@ -58,6 +58,9 @@ def test_mlflow_default_local_store_has_metrics_params_model_tags_and_descriptio
     (run,) = client.search_runs([experiment.experiment_id])
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
+    # the address printed at the end opens the run in the UI's model-training view
+    assert summary["mlflow_run_url"] == (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{run_id}"
+                                         "?workflowType=machine_learning")
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
     assert [m.step for m in client.get_metric_history(run_id, "val/student_ppl")] == [0, 3]
     assert run.data.params["train.steps"] == "3" and run.data.params["losses.0.options.temperature"] == "2.0"

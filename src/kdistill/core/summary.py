@@ -118,7 +118,7 @@ def plot_losses(history, out: Path) -> Path | None:
 
 
 def write_summary(out: Path, summary: dict[str, Any], tracker) -> dict[str, Any]:
-    for name in ("run_id", "tracking_uri"):
+    for name in ("run_id", "tracking_uri", "run_url"):
         if getattr(tracker, name, None):
             summary[f"mlflow_{name}"] = getattr(tracker, name)
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
@@ -187,8 +187,8 @@ def print_summary(console, summary: dict[str, Any]) -> None:
         console.print(disk_line(summary["output_dir"], summary["disk"]), soft_wrap=True)
     if "mlflow_tracking_uri" in summary:
         console.print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}; "
-                      f"see it with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']} "
-                      "(then choose Model training in the UI's sidebar; docs/tracking.md)", soft_wrap=True)
+                      f"see it with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}, then open "
+                      f"{summary.get('mlflow_run_url', 'the experiment (Model training, in the sidebar)')}", soft_wrap=True)
 
 
 class NoTracker:

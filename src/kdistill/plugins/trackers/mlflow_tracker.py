@@ -40,6 +40,7 @@ import kdistill
 from kdistill.plugins.trackers.jsonl import JsonlTracker
 
 _RUN_ID_FILE = "mlflow_run.json"
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 TABLE_SUFFIX = ".table.json"
 _LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # mlflow.utils.mlflow_tags.MLFLOW_LOGGED_ARTIFACTS
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what the MLflow 3 UI reads to choose an experiment's views
@@ -107,6 +108,8 @@ class MlflowTracker(kdistill.Tracker):
                 id_file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
             self.run_id = run.info.run_id
             self.tracking_uri = uri
+            # where `mlflow ui` shows this run, in its model-training view (the UI opens on GenAI otherwise)
+            self.run_url = f"{UI}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
             mlflow.set_tags(self._tags)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             self._fail("start", exc)
@@ -384,7 +387,7 @@ def _requirements() -> list[str]:
 # ----------------------------------------------------------------------------- several runs side by side
 
 
-def compare_url(run_folders: list[str | Path], ui: str = "http://127.0.0.1:5000") -> str:
+def compare_url(run_folders: list[str | Path], ui: str = UI) -> str:
     """The MLflow UI's address that compares the runs written to these folders (their `mlflow_run.json`)."""
     from mlflow.tracking import MlflowClient
 
