@@ -124,3 +124,31 @@ def test_qlora_trains_adapters_on_a_4_bit_base_and_resumes_exactly(recipe_factor
     # the merged model is the adapted one up to re-quantizing the merged weights: far closer than the base
     effect, error = (expected - base).abs().mean(), (got - expected).abs().mean()
     assert error < 0.25 * effect, (error, effect)
+
+
+def _strategy_recipe(name, recipe_factory, tiny_assets, tmp_path):
+    from conftest import chat_assets, tiny_recipe
+
+    if name == "on-policy":
+        teacher, data = chat_assets(tiny_assets, tmp_path / "chat")
+        raw = tiny_recipe({**tiny_assets, "teacher": str(teacher)}, tmp_path / "run", steps=2, batch_size=3)
+        raw["data"] = data
+        raw["strategy"] = {"name": "on-policy", "options": {"max_new_tokens": 6, "temperature": 1.0}}
+        raw["losses"] = [{"name": "jsd", "weight": 1.0, "options": {"beta": 0.5}}]
+    else:
+        raw = recipe_factory(steps=2)
+        raw["strategy"] = {"name": name, "options": {"multi-view": {"view": "mask", "rate": 0.2}, "mtp-self": {"n_future": 2}}[name]}
+    raw["evaluators"] = []
+    raw["student"]["lora"] = dict(LORA)
+    return raw
+
+
+@pytest.mark.parametrize("strategy", ["multi-view", "mtp-self", "on-policy"])
+def test_lora_students_train_under_the_other_strategies_that_fit(recipe_factory, tiny_assets, tmp_path, strategy):
+    """Only the adapters (and a strategy's own extra heads) move; the base weights stay the teacher's."""
+    engine = engine_for(_strategy_recipe(strategy, recipe_factory, tiny_assets, tmp_path))
+    engine.build()
+    before = {n: p.detach().clone() for n, p in engine.student.named_parameters()}
+    engine.run()
+    moved = {n for n, p in engine.student.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".lora_" in n for n in moved), sorted(moved)[:5]
