@@ -101,12 +101,12 @@ def test_disk_full_during_a_checkpoint_is_one_line_naming_what_was_kept(recipe_f
 
     real, calls = ckpt.save_file, {"n": 0}
 
-    def fills_the_disk(tensors, path):
+    def fills_the_disk(tensors, path, metadata=None):
         calls["n"] += 1
         if "step-00000002" in path:
             Path(path).write_bytes(b"\0" * 10)  # a partial file, as a full disk leaves it, and safetensors' own error
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        return real(tensors, path)
+        return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(ckpt, "save_file", fills_the_disk)
     raw = recipe_factory(steps=3, save_every=1)

@@ -144,7 +144,7 @@ def test_scores_from_the_table_with_answers_that_contain_the_reference(models, t
     ev = evaluator(path, first=1, count=3)
     assert ev._rows() == (QUESTIONS[1:4], [["lord"], ["z"], ["w"]])
     answers = iter([[10, 11], [12], [13]])
-    monkeypatch.setattr(ev, "_answer", lambda model, tok, prompts: [next(answers) for _ in prompts])
+    monkeypatch.setattr(ev, "_answer", lambda model, tok, prompts, *progress: [next(answers) for _ in prompts])
     texts = {10: "my", 11: " Lord!", 12: "z", 13: "the w is it"}
     monkeypatch.setattr(models[0], "decode", lambda ids, skip_special_tokens: "".join(texts[i] for i in ids), raising=False)
     metrics = ev.evaluate(context(models, "during", teacher=False))
