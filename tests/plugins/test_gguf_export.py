@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_result, make_text
+from conftest import byte_level_bpe, cli_result, make_text
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
@@ -27,16 +27,7 @@ TOLERANCE = {"f16": (0.01, 1.0), "q8_0": (0.10, 0.95)}
 
 def tokenizer_with_merges(text: str):
     """A byte-level BPE tokenizer with merges (the conftest one has a vocabulary of bytes only)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([text], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast = byte_level_bpe(text, 320)
     fast.add_tokens(["<note>"])  # a user-defined (not special) added token
     fast.chat_template = CHAT
     return fast
