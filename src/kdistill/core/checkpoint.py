@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from kdistill.core import adapters
@@ -90,8 +90,8 @@ def _unique(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A file `_save_tensors` wrote, its aliases restored (the same tensor under each tied name)."""
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(path), framework="pt") as handle:  # one open: the tensors and the header's metadata
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         aliases = json.loads((handle.metadata() or {}).get(ALIASES, "{}"))
     for name, stored in aliases.items():
         tensors[name] = tensors[stored]
