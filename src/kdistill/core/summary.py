@@ -125,23 +125,30 @@ def write_summary(out: Path, summary: dict[str, Any], tracker) -> dict[str, Any]
     return summary
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
-
-
 def disk_usage(out: Path, checkpoints: Path, saved: int, keep: int) -> dict[str, Any]:
-    """What the run folder holds when the run ends, in bytes: the whole, the models, each kept checkpoint."""
-    kept = sorted(p for p in checkpoints.glob("step-*") if p.is_dir()) if checkpoints.is_dir() else []
-    return {"total_bytes": folder_bytes(out), "final_bytes": folder_bytes(out / "final"), "best_bytes": folder_bytes(out / "best"),
-            "checkpoints": {p.name: folder_bytes(p) for p in kept}, "checkpoints_saved": saved, "keep_checkpoints": keep}
+    """What the run folder holds when the run ends, in bytes: the whole, the models, each kept checkpoint
+    (one walk over the folder)."""
+    total, final, best = 0, 0, 0
+    kept: dict[str, int] = {}
+    for f in out.rglob("*"):
+        if not f.is_file() or f.is_symlink():
+            continue
+        size, parts = f.stat().st_size, f.relative_to(out).parts
+        total += size
+        final += size if parts[0] == "final" else 0
+        best += size if parts[0] == "best" else 0
+        if checkpoints in f.parents and (step := f.relative_to(checkpoints).parts[0]).startswith("step-"):
+            kept[step] = kept.get(step, 0) + size
+    return {"total_bytes": total, "final_bytes": final, "best_bytes": best, "checkpoints": dict(sorted(kept.items())),
+            "checkpoints_saved": saved, "keep_checkpoints": keep}
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+    return f"{n:.1f} GB"
 
 
 def disk_line(output_dir: str, disk: Mapping[str, Any]) -> str:
