@@ -4,7 +4,6 @@ steps and the measured results, and how to load it."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -86,7 +85,7 @@ def model_card(recipe: Mapping[str, Any], result: Mapping[str, Any], parameters:
         "## Recipe",
         "",
         "```yaml",
-        _CREDENTIALS.sub("://***@", yaml.safe_dump(json.loads(json.dumps(recipe)), sort_keys=False).rstrip()),
+        _CREDENTIALS.sub("://***@", yaml.safe_dump(dict(recipe), sort_keys=False).rstrip()),
         "```",
         "",
     ]
