@@ -291,6 +291,98 @@ def test_sparse_targets_at_another_temperature_are_refused():
     assert str(err.value) == "top-k targets were computed at temperature 1.0; the loss asks for 2.0"
 
 
+def binned_forward_kl(student_rows, ids, bins_t, temp):
+    """Plain-float forward KL to k bins and a tail bin, times T^2 (the tail's student mass summed, not 1 - top)."""
+    total = 0.0
+    for row, row_ids, row_bins in zip(student_rows, ids, bins_t):
+        ps = softmax(row, temp)
+        bins_s = [ps[i] for i in row_ids] + [sum(p for i, p in enumerate(ps) if i not in set(row_ids))]
+        total += kl(row_bins, bins_s) * temp * temp
+    return total
+
+
+@pytest.mark.parametrize("layout", ["row-major", "vocabulary-major"])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize("kind", ["top-k", "sampled"])
+def test_forward_kl_on_sparse_targets_fused_against_a_float64_reference(kind, temp, layout, monkeypatch):
+    """The analytic sparse path of forward KL (the one a cached teacher's steps take), chunked over many
+    vocabulary blocks in either layout: value against plain floats, gradient against central differences
+    of that reference; top-k targets with their tail, and sampled targets (frequencies over distinct ids
+    with fillers drawn 0 times, no tail)."""
+    monkeypatch.setattr(common, "VOCAB_BLOCK_ELEMENTS", 4)
+    g = torch.Generator().manual_seed(11)
+    rows, v, k = 6, 13, 4
+    student = torch.randn(rows, v, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(rows, v, generator=g, dtype=torch.float64) * 2
+    if kind == "top-k":
+        targets = sparse_targets(teacher, k, temp)
+    else:
+        from kdistill.plugins.teachers.cache_store import decode_sampled, sampled_targets
+
+        sampled = decode_sampled(*sampled_targets(teacher, k, temp, g), temp)
+        targets = kdistill.SparseTargets(sampled.ids, sampled.logprobs.double(), sampled.log_tail.double(), temp,
+                                         kind="sampled")
+        assert all(len(set(r)) == k for r in targets.ids.tolist())
+    ids = targets.ids.long().tolist()
+    bins_t = [[math.exp(x) for x in lp] + [math.exp(t)] for lp, t in zip(targets.logprobs.tolist(), targets.log_tail.tolist())]
+    loss = make(ForwardKL, {"temperature": temp})
+    chunk = student.clone() if layout == "row-major" else student.T.contiguous().T
+    values, grad = loss.rows_and_grad(chunk, targets, None)
+    assert values.sum().item() == pytest.approx(binned_forward_kl(student.tolist(), ids, bins_t, temp), rel=1e-9)
+    expected = numeric_grad(lambda z: binned_forward_kl(z.tolist(), ids, bins_t, temp), student.clone())
+    assert torch.allclose(grad, expected, atol=1e-6)
+    # and through the fused path from hidden states, in chunks of 4 rows
+    hs = torch.randn(rows, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(v, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(rows, dtype=torch.bool)
+    total, _ = fused_logit_loss(hs, ws, TeacherRows(kdistill.ModelOutputs(sparse=targets), mask), torch.zeros(rows, dtype=torch.long),
+                                [("forward-kl", 1.0, loss)], chunk=4)
+    total.backward()
+    plain = loss(kdistill.ModelOutputs(logits=(hs @ ws.T)[None]), kdistill.ModelOutputs(sparse=kdistill.SparseTargets(
+        targets.ids[None], targets.logprobs[None], targets.log_tail[None], temp, kind=kind)),
+        kdistill.Batch(input_ids=torch.zeros(1, rows, dtype=torch.long), labels=torch.zeros(1, rows, dtype=torch.long)))
+    assert total.item() == pytest.approx(plain.item(), rel=1e-9)
+    gh, gw = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    plain.backward()
+    assert torch.allclose(gh, hs.grad, atol=1e-9) and torch.allclose(gw, ws.grad, atol=1e-9)
+
+
+def test_sampled_targets_give_the_full_forward_kl_gradient_in_expectation():
+    """Random-sampling KD: averaged over draws, forward KL's gradient on sampled targets (counts / k) is the
+    one on the full distribution, within 5 standard errors per logit; the top-k targets' gradient (same k) is
+    biased far beyond that, so the check tells the two apart."""
+    from kdistill.plugins.teachers.cache_store import decode_sampled, sampled_targets
+
+    g = torch.Generator().manual_seed(12)
+    temp, k, v, draws = 2.0, 4, 40, 3000
+    student = torch.randn(1, v, generator=g, dtype=torch.float64)
+    teacher = torch.randn(1, v, generator=g, dtype=torch.float64) * 3
+    loss = make(ForwardKL, {"temperature": temp})
+    _, full = loss.rows_and_grad(student.clone(), teacher.clone(), None)
+    sampled = decode_sampled(*sampled_targets(teacher.expand(draws, v), k, temp, g), temp)
+    targets = kdistill.SparseTargets(sampled.ids, sampled.logprobs.double(), sampled.log_tail.double(), temp, kind="sampled")
+    _, grads = loss.rows_and_grad(student.expand(draws, v).clone(), targets, None)
+    error = grads.mean(0) - full[0]
+    standard_error = grads.std(0) / math.sqrt(draws)
+    assert (error.abs() <= 5 * standard_error + 1e-12).all()
+    _, top_k = loss.rows_and_grad(student.clone(), sparse_targets(teacher, k, temp), None)
+    assert ((top_k[0] - full[0]).abs() > 5 * standard_error).any()
+
+
+def test_sampled_targets_draw_k_tokens_and_fill_with_the_likeliest_not_drawn():
+    from kdistill.plugins.teachers.cache_store import sampled_targets
+
+    g = torch.Generator().manual_seed(13)
+    logits = torch.tensor([[10.0, 9.0, 0.0, -1.0, -50.0, 8.0]])  # almost all mass on 0, 1 and 5
+    ids, counts = sampled_targets(logits, 4, 1.0, g)
+    assert counts.dtype == torch.uint8 and int(counts.sum()) == 4
+    drawn = [i for i, c in zip(ids[0].tolist(), counts[0].tolist()) if c > 0]
+    fillers = [i for i, c in zip(ids[0].tolist(), counts[0].tolist()) if c == 0]
+    assert drawn == sorted(drawn) and set(drawn) <= {0, 1, 5}
+    assert len(set(ids[0].tolist())) == 4 and fillers == [i for i in [0, 1, 5, 2, 3] if i not in drawn][:len(fillers)]
+
+
 @pytest.mark.parametrize("cls,opts", CASES, ids=IDS)
 def test_accumulating_micro_batches_equals_one_large_batch(cls, opts):
     loss = make(cls, opts)

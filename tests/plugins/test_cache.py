@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,9 +29,9 @@ from kdistill.plugins.teachers.hf import HFTeacher
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def cached_recipe(assets, tmp_path, cache="cache", k=16, temperature=2.0, **train):
+def cached_recipe(assets, tmp_path, cache="cache", k=16, temperature=2.0, mode="top-k", **train):
     raw = tiny_recipe(assets, tmp_path / "run", **train)
-    raw["teacher"] = {"name": "cached", "options": {"path": str(tmp_path / cache), "k": k, "temperature": temperature,
+    raw["teacher"] = {"name": "cached", "options": {"path": str(tmp_path / cache), "k": k, "temperature": temperature, "mode": mode,
                                                     "shard_sequences": 8, "source": {"model": assets["teacher"]},
                                                     "load_source": True}}
     raw["data"]["options"]["max_train_blocks"] = 20  # 3 shards: 8 + 8 + 4
@@ -57,13 +58,15 @@ def test_quantized_log_probabilities_stay_within_half_a_step():
     assert q.dtype == torch.uint8 and hi.dtype == torch.float16
 
 
-def test_a_cache_killed_mid_shard_and_resumed_equals_one_written_in_one_go(tiny_assets, tmp_path):
-    whole = cached_recipe(tiny_assets, tmp_path, cache="whole")
+@pytest.mark.parametrize("mode", ["top-k", "sampled"])
+def test_a_cache_killed_mid_shard_and_resumed_equals_one_written_in_one_go(tiny_assets, tmp_path, mode):
+    """Sampled caches too: the draws are seeded per shard, so the resumed shards are the same bytes."""
+    whole = cached_recipe(tiny_assets, tmp_path, cache="whole", mode=mode)
     manifest = cache_from_plan(plan_of(whole), progress=False)
     assert manifest["complete"] and manifest["n_sequences"] == 20
     assert sorted(shards(tmp_path / "whole")) == [shard_name(i) for i in range(3)]
 
-    cut = cached_recipe(tiny_assets, tmp_path, cache="cut")
+    cut = cached_recipe(tiny_assets, tmp_path, cache="cut", mode=mode)
     path = write_recipe(tmp_path / "cut.yaml", cut)
     killer = ("import os, signal, sys\n"
               "import kdistill.plugins.teachers.cache_store as c\n"
@@ -113,6 +116,56 @@ def test_the_cache_reads_back_the_teachers_top_k(tiny_assets, tmp_path):
     assert 256 < manifest["vocab_size"] <= 65536 and manifest["ids_dtype"] == "uint16"
     payload = manifest["tokens"] * (16 * 2 + 16 + 6) + 20 * 8
     assert payload < manifest["shard_bytes"] < payload + 3 * 1024
+
+
+def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_assets, tmp_path):
+    """Each position: k distinct ids whose counts sum to k; over all positions the drawn frequencies follow the
+    teacher's probabilities at T (the most likely token's share against its mean probability); 3 bytes a
+    draw. A loss that is not unbiased on draws is refused, word for word; so is k above 255."""
+    raw = cached_recipe(tiny_assets, tmp_path, k=8, temperature=2.0, mode="sampled")
+    manifest = cache_from_plan(plan_of(raw), progress=False)
+    assert manifest["mode"] == "sampled" and manifest["seed"] == 0
+    cache = TeacherCache(tmp_path / "cache")
+    engine = engine_for(tiny_recipe(tiny_assets, tmp_path / "live"))
+    engine.build()
+    data = plan_of(raw).one("data").build()
+    data.setup(engine.tokenizer, 0)
+    keys = data.train_keys()
+    got = cache.lookup(keys)
+    assert got.kind == "sampled" and torch.isneginf(got.log_tail).all()
+    counts = (got.logprobs.exp() * 8).round()
+    assert torch.equal(counts.sum(-1), torch.full(counts.shape[:-1], 8.0))
+    assert all(len(set(row)) == 8 for row in got.ids.reshape(-1, 8).tolist())
+    with torch.no_grad():
+        probs = torch.softmax(engine.teacher.model(input_ids=data.batch_for_keys(keys).input_ids).logits / 2.0, -1)
+    best = probs.argmax(-1, keepdim=True)
+    share = ((got.ids == best) * counts).sum(-1) / 8  # how often each position drew its likeliest token
+    n = share.numel()
+    expected = probs.gather(-1, best).mean()
+    assert abs(share.mean() - expected) < 5 * math.sqrt(0.25 / (8 * n))
+    payload = manifest["tokens"] * 8 * 3 + 20 * 8
+    assert payload < manifest["shard_bytes"] < payload + 3 * 1024
+
+    reverse = json.loads(json.dumps(raw))
+    reverse["losses"][0] = {"name": "reverse-kl", "options": {"temperature": 2.0}}
+    with pytest.raises(ConfigError) as err:
+        engine_for(reverse).run()
+    assert str(err.value) == ("losses: 'reverse-kl' is not unbiased on sampled targets (it needs the teacher's "
+                              "probability of the student's own tokens); with a cached teacher of mode sampled use "
+                              "forward-kl, or mode: top-k")
+    as_top_k = json.loads(json.dumps(raw))
+    as_top_k["teacher"]["options"]["mode"] = "top-k"
+    with pytest.raises(ConfigError) as err:
+        engine_for(as_top_k).run()
+    assert str(err.value) == (f"teacher.options.path: the teacher cache at {tmp_path / 'cache'} does not fit this run: "
+                              "mode (cache 'sampled', this run 'top-k')")
+    too_many = json.loads(json.dumps(raw))
+    too_many["teacher"]["options"]["k"] = 256
+    path = write_recipe(tmp_path / "many.yaml", too_many)
+    code, err_text = cli("validate", str(path))
+    assert code == 2 and len(err_text.strip().splitlines()) == 1
+    assert "k: at most 255 draws in mode sampled (counts are stored in a byte), got 256" in err_text
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_mismatched_cache_is_refused_naming_the_field(tiny_assets, tmp_path):

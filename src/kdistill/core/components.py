@@ -113,7 +113,9 @@ class SparseTargets:
     `ids` [..., k] (any integer type), `logprobs` [..., k], `log_tail` [...]: the log of the
     probability of every token outside the top k (-inf when there is none). `label_logprobs` [...], where
     the teacher gives it (a served teacher does): the log-probability at temperature 1 of each position's
-    actual next token, top k or not (what the sampled-token loss needs).
+    actual next token, top k or not (what the sampled-token loss needs). `kind`: "top-k" (the k most likely
+    tokens and a tail bin), or "sampled" (k draws from the teacher's distribution as frequencies over
+    distinct ids, no tail: unbiased for forward KL only; LogitLoss.supports_sampled).
     """
 
     ids: torch.Tensor
@@ -121,15 +123,21 @@ class SparseTargets:
     log_tail: torch.Tensor
     temperature: float
     label_logprobs: torch.Tensor | None = None
+    kind: str = "top-k"
 
     def rows(self, mask: torch.Tensor) -> "SparseTargets":
         label = self.label_logprobs[mask] if self.label_logprobs is not None else None
-        return SparseTargets(self.ids[mask], self.logprobs[mask], self.log_tail[mask], self.temperature, label)
+        return SparseTargets(self.ids[mask], self.logprobs[mask], self.log_tail[mask], self.temperature, label, self.kind)
 
     def slice(self, start: int, stop: int) -> "SparseTargets":
         label = self.label_logprobs[start:stop] if self.label_logprobs is not None else None
         return SparseTargets(self.ids[start:stop], self.logprobs[start:stop], self.log_tail[start:stop], self.temperature,
-                             label)
+                             label, self.kind)
+
+    def to(self, device: torch.device) -> "SparseTargets":
+        label = self.label_logprobs.to(device) if self.label_logprobs is not None else None
+        return SparseTargets(self.ids.to(device), self.logprobs.to(device), self.log_tail.to(device), self.temperature,
+                             label, self.kind)
 
 
 @dataclass
@@ -247,6 +255,8 @@ class LogitLoss(Loss):
     """
 
     supports_sparse: ClassVar[bool] = False
+    # defined on sampled targets too (SparseTargets.kind "sampled"), with the full expected gradient there
+    supports_sampled: ClassVar[bool] = False
 
     def rows(self, student: torch.Tensor, teacher: "torch.Tensor | SparseTargets | None", labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

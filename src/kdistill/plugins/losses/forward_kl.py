@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import kdistill
 from kdistill import SparseTargets
-from kdistill.plugins.losses.common import LOG_FLOOR, Divergence, kl_rows, log_normalizer, vocab_blocks
+from kdistill.plugins.losses.common import LOG_FLOOR, Divergence, kl_rows, log_normalizer, upcast, vocab_blocks
 
 
 class ForwardKL(Divergence):
     """KL(teacher || student) on temperature-softened distributions, times T^2 (mode-covering)."""
 
     name = "forward-kl"
+    supports_sampled = True  # on sampled targets its gradient is the cross-entropy's to them: unbiased
 
     def divergence(self, log_ps, log_pt):
         return kl_rows(log_pt, log_ps)
 
     def rows_and_grad(self, student, teacher, labels):
-        if isinstance(teacher, SparseTargets) or student.shape[-1] != teacher.shape[-1] or student.dtype != teacher.dtype:
+        if isinstance(teacher, SparseTargets):
+            return sparse_rows_and_grad(student, teacher, self.temperature)
+        if student.shape[-1] != teacher.shape[-1] or student.dtype != teacher.dtype:
             return super().rows_and_grad(student, teacher, labels)
         # analytic, in blocks of the vocabulary, the gradient written over the student's chunk (the
         # fused path hands over chunks it no longer needs): value T^2 sum p_t (log p_t - log p_s),
@@ -42,6 +47,34 @@ class ForwardKL(Divergence):
             # bins where p_t is 0 count 0; log p_s is floored so a -inf student logit stays finite
             values += lt.clamp_(min=LOG_FLOOR).sub_(ls.clamp_(min=LOG_FLOOR)).mul_(pt).sum(dim=-1)
         return values.mul_(temp * temp), s
+
+
+def sparse_rows_and_grad(student: torch.Tensor, targets: SparseTargets, temp: float):
+    """Forward KL to sparse targets (k bins and a tail bin holding every other token), analytic and written over
+    the student's chunk: no temporary as large as the chunk, the cost of a cross-entropy plus one pass.
+
+    value    T^2 [sum_k p_t (log p_t - log p_s) + p_t,tail (log p_t,tail - log p_s,tail)]
+    gradient T (p_s - p_t) at the k tokens, T p_s (1 - p_t,tail / p_s,tail) at every other token
+    (bins where p_t is 0 count 0; log p_s is floored at LOG_FLOOR, as in the autograd path).
+    """
+    if not math.isclose(targets.temperature, temp, rel_tol=1e-6):
+        raise ValueError(f"top-k targets were computed at temperature {targets.temperature}; the loss asks for {temp}")
+    s = student.detach()
+    ids = targets.ids.long()
+    log_pt, log_pt_tail = upcast(targets.logprobs).to(s.dtype), upcast(targets.log_tail).to(s.dtype)
+    shift, log_total = log_normalizer(s, temp)
+    log_ps = s.gather(-1, ids).sub_(shift).div_(temp).sub_(log_total)
+    for b in vocab_blocks(s):  # p_s over the vocabulary, over the chunk, a block at a time
+        _tempered(s[:, b], shift, log_total, temp, out=s[:, b]).exp_()
+    grad = s.scatter_(-1, ids, 0.0)
+    ps_tail = grad.sum(dim=-1)  # the student's mass outside the k tokens, summed rather than 1 - sum (no cancellation)
+    pt, pt_tail = log_pt.exp(), log_pt_tail.exp()
+    values = torch.where(pt > 0, pt * (log_pt - log_ps.clamp(min=LOG_FLOOR)), torch.zeros_like(pt)).sum(-1)
+    values += torch.where(pt_tail > 0, pt_tail * (log_pt_tail - ps_tail.log().clamp(min=LOG_FLOOR)), torch.zeros_like(pt_tail))
+    ratio = pt_tail / ps_tail.clamp(min=torch.finfo(s.dtype).tiny)
+    grad.mul_((1.0 - ratio).mul_(temp).unsqueeze(-1))
+    grad.scatter_(-1, ids, log_ps.exp().sub_(pt).mul_(temp))
+    return values.mul_(temp * temp), grad
 
 
 def _tempered(x, shift, log_total, temp, out):

@@ -16,7 +16,17 @@ Each shard holds, for its sequences (rows) and every position:
     hi, lo    [n, S]       float16  the largest and smallest of the k log-probabilities
     log_tail  [n, S]       float16  log of the probability of every token outside the top k
 
-At k = 64 and a vocabulary under 65,536 that is 64*2 + 64 + 3*2 = 198 bytes per token. This per-position
+At k = 64 and a vocabulary under 65,536 that is 64*2 + 64 + 3*2 = 198 bytes per token.
+
+A cache of `mode: sampled` (SAMPLED_ENCODING) holds, instead of the top k, k tokens drawn with replacement
+from softmax(logits / T) (random-sampling KD, Anshumann et al., ACL 2025):
+
+    ids       [n, S, k]    the distinct tokens drawn, then the most likely tokens not drawn (k distinct ids)
+    counts    [n, S, k]    uint8    how often each was drawn (0 for the fillers); they sum to k
+
+The targets are counts / k: an unbiased estimate of the teacher's distribution, so the expected gradient of
+forward KL (the cross-entropy to the teacher) is the full one, at any k; no tail bin. 3 bytes per draw: 96 at
+k = 32. The draws are seeded per shard, so a resumed write gives the same files. This per-position
 encoding (ENCODING; `encode_top_k`, `decode_top_k`) is also how `kdistill generate` stores the teacher's
 top-k for the tokens it wrote (generator option `top_k`). The error
 of a stored log-probability is at most half a quantization step plus float16 rounding of hi and lo;
@@ -58,10 +68,21 @@ MANIFEST = "manifest.json"
 INDEX = "index.safetensors"
 LEVELS = 255
 ENCODING = "kdistill-top-k/1"  # per position: ids, q (uint8), hi, lo, log_tail (float16), as below
+SAMPLED_ENCODING = "kdistill-sampled/1"  # per position: ids, counts (uint8) of k draws, as above
+MODES = ("top-k", "sampled")
+MAX_DRAWS = 255  # counts are stored in one byte
+FIELDS = {"top-k": ("ids", "q", "hi", "lo", "log_tail"), "sampled": ("ids", "counts")}
 
 # manifest fields that must match between a cache and the run that uses it (or resumes writing it)
-IDENTITY_FIELDS = ("format", "teacher", "tokenizer", "data_fingerprint", "k", "temperature", "shard_sequences",
-                   "n_sequences", "seq_len", "vocab_size", "ids_dtype")
+IDENTITY_FIELDS = ("format", "teacher", "tokenizer", "data_fingerprint", "mode", "k", "temperature", "seed",
+                   "shard_sequences", "n_sequences", "seq_len", "vocab_size", "ids_dtype")
+# what a manifest written before a field existed means by its absence
+IDENTITY_DEFAULTS: dict[str, Any] = {"mode": "top-k", "seed": None}
+
+
+def identity(manifest: dict[str, Any], name: str) -> Any:
+    """A manifest's identity field, with the meaning of its absence in older caches."""
+    return manifest.get(name, IDENTITY_DEFAULTS.get(name))
 
 
 CHUNK = 4 << 20  # bytes per read when hashing a file
@@ -138,11 +159,59 @@ def decode_top_k(ids: torch.Tensor, q: torch.Tensor, hi: torch.Tensor, lo: torch
                          temperature=temperature)
 
 
-def check_top_k_losses(losses, temperature: float, *, teacher: str, targets: str, at: str, field: str) -> None:
+def sampled_targets(logits: torch.Tensor, k: int, temperature: float,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, counts) [..., k] of k draws with replacement from softmax(logits / T): the distinct tokens drawn in
+    id order with how often each was drawn, then, in the slots left, the most likely tokens not drawn (count 0),
+    so that every position has k distinct ids."""
+    shape, vocab = logits.shape[:-1], logits.shape[-1]
+    probs = torch.softmax(logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    rows = probs.shape[0]
+    draws = torch.multinomial(probs, k, replacement=True, generator=generator).sort(dim=-1).values if rows else \
+        torch.zeros(0, k, dtype=torch.long, device=logits.device)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = first.long().cumsum(-1) - 1  # each draw's distinct token's slot
+    ids = torch.zeros(rows, k + 1, dtype=torch.long, device=logits.device)  # the last column takes what is dropped
+    counts = torch.zeros(rows, k + 1, dtype=torch.long, device=logits.device)
+    ids.scatter_(1, slot, draws)
+    counts.scatter_add_(1, slot, torch.ones_like(draws))
+    distinct = slot[:, -1:] + 1 if rows else torch.zeros(0, 1, dtype=torch.long, device=logits.device)
+    top = probs.topk(k, dim=-1).indices  # at most `distinct` of them were drawn, so enough fillers remain
+    fresh = ~(top.unsqueeze(-1) == draws.unsqueeze(-2)).any(-1)
+    place = distinct + fresh.long().cumsum(-1) - 1
+    place = torch.where(fresh & (place < k), place, torch.full_like(place, k))
+    ids.scatter_(1, place, top)
+    return ids[:, :k].reshape(*shape, k), counts[:, :k].reshape(*shape, k).to(torch.uint8)
+
+
+def encode_sampled(logits: torch.Tensor, k: int, temperature: float, vocab_size: int,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The stored form (SAMPLED_ENCODING) of k draws from softmax(logits / T) at every position."""
+    ids, counts = sampled_targets(logits, k, temperature, generator)
+    return {"ids": ids.to(ids_dtype(vocab_size)), "counts": counts}
+
+
+def decode_sampled(ids: torch.Tensor, counts: torch.Tensor, temperature: float) -> SparseTargets:
+    """Targets from their stored form: counts / k as log-probabilities (-inf for the fillers), no tail."""
+    counts = counts.float()
+    logprobs = (counts / counts.sum(-1, keepdim=True).clamp(min=1)).log()
+    return SparseTargets(ids=ids.long(), logprobs=logprobs, log_tail=torch.full(counts.shape[:-1], -math.inf),
+                         temperature=temperature, kind="sampled")
+
+
+def check_top_k_losses(losses, temperature: float, *, teacher: str, targets: str, at: str, field: str,
+                       mode: str = "top-k") -> None:
     """The losses a teacher of stored top-k targets can serve: logit losses defined on them, at the temperature
     the targets were computed at. Messages name the teacher (`teacher`: "a cached teacher"), its targets
-    (`targets`: "the cached teacher's targets"; `at`: "the cached teacher's is") and the `field` that sets it."""
+    (`targets`: "the cached teacher's targets"; `at`: "the cached teacher's is") and the `field` that sets it.
+    Sampled targets (`mode`) serve only losses whose expected gradient stays the full one on them (forward KL)."""
     for name, _, loss in losses:
+        if mode == "sampled" and isinstance(loss, kdistill.LogitLoss) and loss.needs_teacher and \
+                not loss.supports_sampled:
+            raise ConfigError(f"losses: '{name}' is not unbiased on sampled targets (it needs the teacher's "
+                              f"probability of the student's own tokens); with {teacher} of mode sampled use "
+                              "forward-kl, or mode: top-k")
         if isinstance(loss, kdistill.FeatureLoss):
             raise ConfigError(f"losses: '{name}' needs the teacher's hidden states or attention; {teacher} has only "
                               "top-k log-probabilities")
@@ -175,7 +244,8 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return [f"{name} (cache {a.get(name)!r}, now {b.get(name)!r})" for name in IDENTITY_FIELDS if a.get(name) != b.get(name)]
+    return [f"{name} (cache {identity(a, name)!r}, now {identity(b, name)!r})" for name in IDENTITY_FIELDS
+            if identity(a, name) != identity(b, name)]
 
 
 # ------------------------------------------------------------------------------------ integrity
@@ -286,10 +356,11 @@ def weights_digest(model: Path, gguf_file: str | None = None, field: str = "teac
 
 def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shard_sequences: int, batch_size: int,
                 device: torch.device, teacher_identity: dict[str, Any], overwrite: bool = False,
-                progress: bool = True, tokenizer: Any = None) -> dict[str, Any]:
+                progress: bool = True, tokenizer: Any = None, mode: str = "top-k", seed: int = 0) -> dict[str, Any]:
     """Run `teacher` once over every training sequence of `data` and write the cache to `folder`: a teacher
-    with a model gives logits (their top k are taken here), one without (served) its top-k targets at
-    `temperature` as they are (`tokenizer`: then the student's, which the server's was checked against).
+    with a model gives logits (their top k, or k draws seeded by `seed` and the shard, are taken here), one
+    without (served) its top-k targets at `temperature` as they are (`tokenizer`: then the student's, which
+    the server's was checked against).
 
     Resumes an interrupted write (same manifest identity) at the first missing shard.
     """
@@ -298,9 +369,15 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
     vocab = teacher.model.get_output_embeddings().weight.shape[0] if teacher.model is not None else len(tokenizer)
     if k > vocab:
         raise ConfigError(f"teacher.options.k: {k} is more than the teacher's {vocab} tokens")
+    if mode == "sampled" and teacher.model is None:
+        raise ConfigError("teacher.options.mode: sampled draws from the teacher's whole distribution; a served teacher "
+                          "gives its top k only (use mode: top-k)")
+    if mode == "sampled" and k > MAX_DRAWS:
+        raise ConfigError(f"teacher.options.k: at most {MAX_DRAWS} draws in mode sampled, got {k}")
     seq_len = data.batch_for_keys(keys[:1]).input_ids.shape[1]
     manifest = {"format": FORMAT, "teacher": teacher_identity, "tokenizer": vocab_digest(tokenizer),
-                "data_fingerprint": data.fingerprint(), "k": k, "temperature": temperature,
+                "data_fingerprint": data.fingerprint(), "mode": mode, "k": k, "temperature": temperature,
+                "seed": seed if mode == "sampled" else None,
                 "shard_sequences": shard_sequences, "n_sequences": len(keys), "seq_len": seq_len, "vocab_size": vocab,
                 "ids_dtype": str(ids_dtype(vocab)).replace("torch.", ""), "complete": False}
     folder.mkdir(parents=True, exist_ok=True)
@@ -339,12 +416,13 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
             continue
         target.unlink(missing_ok=True)  # missing, changed since it was written, or written but never recorded
         shard_keys = keys[index * shard_sequences:(index + 1) * shard_sequences]
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "q", "hi", "lo", "log_tail")}
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS[mode]}
         worst = 0.0
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + index) if mode == "sampled" else None
         for start in range(0, len(shard_keys), batch_size):
             batch = data.batch_for_keys(shard_keys[start:start + batch_size]).to(device)
             bar.update(batch.input_ids.shape[0])
-            encoded, error = _encoded(teacher, batch, k, temperature, vocab)
+            encoded, error = _encoded(teacher, batch, k, temperature, vocab, generator)
             worst = max(worst, error)
             for name, value in encoded.items():
                 parts[name].append(value.cpu())
@@ -393,11 +471,15 @@ def _write_index(folder: Path, n_shards: int) -> None:
     os.replace(tmp, folder / INDEX)
 
 
-def _encoded(teacher, batch, k: int, temperature: float, vocab: int) -> tuple[dict[str, torch.Tensor], float]:
-    """The teacher's targets for a batch, encoded (the cost the cache saves every later run)."""
+def _encoded(teacher, batch, k: int, temperature: float, vocab: int,
+             generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """The teacher's targets for a batch, encoded (the cost the cache saves every later run); k draws when a
+    `generator` is given, else the top k."""
     from kdistill import Needs
 
     out = teacher.outputs(batch, Needs(logits=True))
+    if out.sparse is None and generator is not None:
+        return encode_sampled(out.logits, k, temperature, vocab, generator), 0.0
     if out.sparse is None:
         return encode_top_k(out.logits, k, temperature, vocab)
     sparse = out.sparse
@@ -459,6 +541,8 @@ class TeacherCache:
         try:
             n_shards = math.ceil(self.manifest["n_sequences"] / self.manifest["shard_sequences"])
             self.temperature = float(self.manifest["temperature"])
+            self.mode = identity(self.manifest, "mode")
+            self._fields = FIELDS[self.mode]
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise damaged(path, f"not a complete manifest ({_first_line(exc)})") from None
         records = self.manifest.get("shards") or {}
@@ -517,8 +601,8 @@ class TeacherCache:
 
     def check(self, expected: dict[str, Any], field: str = "teacher.options.path") -> None:
         """Refuse a cache computed from other data, tokenizer, k or temperature, naming the fields."""
-        differ = [f"{name} (cache {self.manifest.get(name)!r}, this run {value!r})"
-                  for name, value in expected.items() if self.manifest.get(name) != value]
+        differ = [f"{name} (cache {identity(self.manifest, name)!r}, this run {value!r})"
+                  for name, value in expected.items() if identity(self.manifest, name) != value]
         if differ:
             raise ConfigError(f"{field}: the teacher cache at {self.folder} does not fit this run: {'; '.join(differ)}")
 
@@ -529,12 +613,14 @@ class TeacherCache:
             if where is None:
                 raise KeyError(f"sequence {key} is not in the teacher cache at {self.folder}")
             rows.append(where)
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("ids", "q", "hi", "lo", "log_tail")}
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self._fields}
         for shard, row in rows:
             handle = self._shard(shard)
             for name in parts:
                 parts[name].append(handle.get_slice(name)[row:row + 1])
         t = {name: torch.cat(values) for name, values in parts.items()}
+        if self.mode == "sampled":
+            return decode_sampled(t["ids"], t["counts"], self.temperature)
         return decode_top_k(t["ids"], t["q"], t["hi"], t["lo"], t["log_tail"], self.temperature)
 
     def __iter__(self) -> Iterator[int]:

@@ -5,16 +5,18 @@ The store itself (file layout, writer, memory-mapped reader) is `cache_store`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import warnings
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Literal
 
+import pydantic
 import torch
 from pydantic import Field
 
 import kdistill
 from kdistill import ConfigError, resolve_path
-from kdistill.plugins.teachers.cache_store import TeacherCache, check_top_k_losses, vocab_digest, weights_digest, write_cache
+from kdistill.plugins.teachers.cache_store import MAX_DRAWS, TeacherCache, check_top_k_losses, vocab_digest, weights_digest, write_cache
 from kdistill.plugins.teachers.hf import HFTeacher
 from kdistill.plugins.teachers.served import ServedTeacher
 from kdistill.toolkit import SET_HELP, fail, load_tokenizer, pick_device, plan_recipe, seed_everything
@@ -42,7 +44,8 @@ class SourceOptions(HFTeacher.Options):
 
 
 class CachedTeacher(kdistill.TeacherProvider):
-    """Top-k log-probabilities with their token ids and tail mass, read from a cache; no teacher forward.
+    """Top-k log-probabilities with their token ids and tail mass (or k sampled tokens), read from a cache; no
+    teacher forward.
 
     `source` is the live teacher the cache is computed from (`kdistill cache-teacher RECIPE`). With
     `load_source`, that model is also loaded (not run) for what needs its weights: a student cut from
@@ -58,10 +61,22 @@ class CachedTeacher(kdistill.TeacherProvider):
         source: SourceOptions | None = Field(None, description="the live teacher the cache is computed from")
         served: ServedTeacher.Options | None = Field(None, description="or: a vLLM server the cache is computed from "
                                                      "(the vllm teacher's options; k and temperature are the cache's)")
-        k: int = Field(64, ge=1, description="log-probabilities kept per position")
+        mode: Literal["top-k", "sampled"] = Field("top-k", description="top-k: the k most likely tokens and a tail "
+                                                  "bin (biased: the tail's shape is lost); sampled: k tokens drawn from "
+                                                  "the teacher's distribution, stored as counts (unbiased for forward-kl, "
+                                                  "the only loss it serves; k at most 255)")
+        k: int = Field(64, ge=1, description="log-probabilities kept per position (mode sampled: draws)")
+        prefetch: bool = Field(True, description="read the next batches' targets in a background thread while "
+                               "the student trains")
         shard_sequences: int = Field(256, ge=1, description="sequences per shard file")
         load_source: bool = Field(False, description="also load the source model's weights (for a from_teacher "
                                   "student and teacher metrics); it never runs in a training step")
+
+        @pydantic.model_validator(mode="after")
+        def _draws_fit(self):
+            if self.mode == "sampled" and self.k > MAX_DRAWS:
+                raise ValueError(f"k: at most {MAX_DRAWS} draws in mode sampled (counts are stored in a byte), got {self.k}")
+            return self
 
     def load(self, device: torch.device) -> None:
         self.cache = TeacherCache(resolve_path(self.options.path, "teacher.options.path"))
@@ -81,9 +96,9 @@ class CachedTeacher(kdistill.TeacherProvider):
     def prepare(self, data, tokenizer, losses) -> None:
         check_top_k_losses(losses, self.options.temperature, teacher="a cached teacher",
                            targets="the cached teacher's targets", at="the cached teacher's is",
-                           field="teacher.options.temperature")
-        expected = {"data_fingerprint": data.fingerprint(), "tokenizer": vocab_digest(tokenizer), "k": self.options.k,
-                    "temperature": self.options.temperature}
+                           field="teacher.options.temperature", mode=self.options.mode)
+        expected = {"data_fingerprint": data.fingerprint(), "tokenizer": vocab_digest(tokenizer), "mode": self.options.mode,
+                    "k": self.options.k, "temperature": self.options.temperature}
         source = self.options.source
         if source is not None and not self.options.load_source and not teacher_present(source):
             warnings.warn(f"teacher.options.source.model: {source.model} is not on this machine; the cache at "
@@ -100,12 +115,36 @@ class CachedTeacher(kdistill.TeacherProvider):
             raise ConfigError("a cached teacher has no hidden states or attention maps")
         if batch.keys is None:
             raise ConfigError("data: a cached teacher needs a data source that gives its sequences keys")
+        pending = getattr(self, "_ahead", {}).pop(_key(batch), None)
+        sparse = pending.result() if pending is not None else self._read(batch)
+        return kdistill.ModelOutputs(sparse=sparse.to(self.device))
+
+    def prefetch(self, batches: list[kdistill.Batch]) -> None:
+        """Start reading the targets of the batches asked for next, so reading overlaps the student's step."""
+        if not self.options.prefetch:
+            return
+        if not hasattr(self, "_ahead"):
+            self._ahead: dict[tuple, concurrent.futures.Future] = {}
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kdistill-cache")
+        wanted = {_key(batch): batch for batch in batches if batch.keys is not None}
+        for key in list(self._ahead):
+            if key not in wanted:
+                self._ahead.pop(key).cancel()
+        for key, batch in wanted.items():
+            if key not in self._ahead:
+                self._ahead[key] = self._worker.submit(self._read, batch)
+
+    def _read(self, batch: kdistill.Batch) -> kdistill.SparseTargets:
+        """The batch's targets from the cache, cut to its length (rows padded to their batch's longest are a
+        prefix of the cached length)."""
         sparse = self.cache.lookup(batch.keys)
-        length = batch.input_ids.shape[1]  # rows padded to their batch's longest are a prefix of the cached length
-        sparse = kdistill.SparseTargets(sparse.ids[:, :length], sparse.logprobs[:, :length], sparse.log_tail[:, :length], sparse.temperature)
-        move = lambda t: t.to(self.device)  # noqa: E731
-        return kdistill.ModelOutputs(sparse=kdistill.SparseTargets(move(sparse.ids), move(sparse.logprobs),
-                                                                   move(sparse.log_tail), sparse.temperature))
+        length = batch.input_ids.shape[1]
+        return kdistill.SparseTargets(sparse.ids[:, :length], sparse.logprobs[:, :length], sparse.log_tail[:, :length],
+                                      sparse.temperature, kind=sparse.kind)
+
+
+def _key(batch: kdistill.Batch) -> tuple:
+    return (tuple(batch.keys.tolist()), batch.input_ids.shape[1])
 
 
 def served_identity(options: ServedTeacher.Options) -> dict:
@@ -138,7 +177,7 @@ def cache_from_plan(plan, overwrite: bool = False, progress: bool = True) -> dic
     return write_cache(live, data, cache_folder(options), k=options.k, temperature=options.temperature,
                        shard_sequences=options.shard_sequences, batch_size=train.eval_batch_size or train.batch_size,
                        device=device, teacher_identity=source_identity(options.source), overwrite=overwrite,
-                       progress=progress)
+                       progress=progress, mode=options.mode, seed=train.seed)
 
 
 def cache_from_server(plan, options: CachedTeacher.Options, device, overwrite: bool, progress: bool) -> dict[str, Any]:
@@ -150,6 +189,9 @@ def cache_from_server(plan, options: CachedTeacher.Options, device, overwrite: b
     field = "student.tokenizer" if student.tokenizer else "student.model"
     tokenizer = load_tokenizer(str(resolve_path(student.tokenizer or student.model, field)), field)
     assert options.served is not None
+    if options.mode == "sampled":
+        raise ConfigError("teacher.options.mode: sampled draws from the teacher's whole distribution; a served teacher "
+                          "gives its top k only (use mode: top-k)")
     live = ServedTeacher(options.served.model_copy(update={"k": options.k, "temperature": options.temperature}))
     live.load(device)
     data = plan.one("data").build()
@@ -179,6 +221,8 @@ def kd_register_commands(app):
             manifest = cache_from_plan(plan_recipe(recipe, set_), overwrite=overwrite)
         except kdistill.KdistillError as exc:
             fail(exc)
-        print(f"teacher cache: {manifest['n_sequences']} sequences, {manifest['tokens']} tokens, k={manifest['k']}, "
-              f"T={manifest['temperature']}: {manifest['shard_bytes'] / 2**20:.1f} MiB, {manifest['bytes_per_token']:.1f} bytes "
-              f"per token, largest log-probability error {manifest['max_abs_logprob_error']:.4f}")
+        sampled = manifest.get("mode") == "sampled"
+        error = "" if sampled else f", largest log-probability error {manifest['max_abs_logprob_error']:.4f}"
+        print(f"teacher cache: {manifest['n_sequences']} sequences, {manifest['tokens']} tokens, "
+              f"{'sampled, ' if sampled else ''}k={manifest['k']}, T={manifest['temperature']}: "
+              f"{manifest['shard_bytes'] / 2**20:.1f} MiB, {manifest['bytes_per_token']:.1f} bytes per token{error}")
