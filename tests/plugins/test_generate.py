@@ -173,3 +173,27 @@ def test_data_inside_the_output_is_made_earlier_and_run_writes_it_first(chat_ass
     assert json.loads((out / "generation.json").read_text())["complete"] is True
     code, _, stderr = cli("run", path, "--overwrite")
     assert code == 0 and "writing answers" not in stderr
+
+
+def test_a_repetition_penalty_changes_the_answers_and_is_recorded(chat_assets, tmp_path):
+    """Greedy answers of the tiny teacher repeat tokens; with a penalty that divides a used token's logit by
+    10^6, no answer repeats a token (ids as generated, stored with top_k), the sampling record says so, and a
+    folder written without it is refused."""
+    from kdistill.toolkit import GENERATION_MANIFEST, read_table
+
+    plain, penalized = tmp_path / "plain", tmp_path / "penalized"
+    assert cli("generate", recipe(chat_assets, tmp_path, plain, max_new_tokens=12, top_k=2))[0] == 0
+    code, _, stderr = cli("generate", recipe(chat_assets, tmp_path, penalized, max_new_tokens=12, top_k=2,
+                                             repetition_penalty=1e6))
+    assert code == 0, stderr
+
+    def ids(folder):
+        return read_table([str(folder)], "data.options.paths")["completion_ids"]
+
+    assert any(len(set(t)) < len(t) for t in ids(plain))  # the plain greedy answers do repeat
+    assert all(len(set(t)) == len(t) for t in ids(penalized)) and ids(penalized) != ids(plain)
+    assert json.loads((penalized / GENERATION_MANIFEST).read_text())["sampling"]["repetition_penalty"] == 1e6
+    assert "repetition_penalty" not in json.loads((plain / GENERATION_MANIFEST).read_text())["sampling"]
+    code, _, stderr = cli("generate", recipe(chat_assets, tmp_path, plain, max_new_tokens=12, top_k=2,
+                                             repetition_penalty=1.2))
+    assert code == 2 and "sampling" in stderr

@@ -150,11 +150,13 @@ def stop_ids(tokenizer: Any) -> list[int]:
 
 
 def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
-              top_p: float, seed: int, logits: bool,
-              synced_gpus: bool = False) -> tuple[list[list[int]], list[int], tuple[torch.Tensor, ...]]:
+              top_p: float, seed: int, logits: bool, synced_gpus: bool = False,
+              repetition_penalty: float = 1.0) -> tuple[list[list[int]], list[int], tuple[torch.Tensor, ...]]:
     """One batched `generate`: every row's new tokens (to max_new_tokens, padding after a stop included), the
     stop ids, and (`logits`) the model's raw logits of every step, [len(prompts), V] each. `synced_gpus`: every
-    process keeps stepping until all are done (a ZeRO-3 model gathers its parameters from all of them)."""
+    process keeps stepping until all are done (a ZeRO-3 model gathers its parameters from all of them).
+    `repetition_penalty` above 1 divides the logits of tokens already in the row (CTRL's penalty, transformers'
+    `repetition_penalty`): small models decoded greedily fall into loops without it."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
@@ -170,6 +172,8 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, m
 
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
         {"do_sample": False}
+    if repetition_penalty != 1.0:
+        sampling["repetition_penalty"] = repetition_penalty
     # output_logits: the logits as the model gave them, before temperature, top-p or any other processor
     extra = {"return_dict_in_generate": True, "output_logits": True} if logits else {}
     was_training = model.training
@@ -193,7 +197,7 @@ def _stop_at(row: list[int], stops: list[int]) -> int:
 
 def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, keep_stop: bool = False,
-                       synced_gpus: bool = False) -> list[list[int]]:
+                       synced_gpus: bool = False, repetition_penalty: float = 1.0) -> list[list[int]]:
     """The model's answers (token ids, without the stop token unless `keep_stop`) to prompts given as token
     ids, all in one batched `generate` with a KV cache. Temperature 0 is greedy decoding; otherwise sampling
     seeded with `seed`, so the same prompts in the same batch give the same answers. `synced_gpus` for a
@@ -201,13 +205,14 @@ def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[Sequence[in
     if not prompts:
         return []
     rows, stops, _ = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, seed=seed, logits=False, synced_gpus=synced_gpus)
+                               top_p=top_p, seed=seed, logits=False, synced_gpus=synced_gpus,
+                               repetition_penalty=repetition_penalty)
     return [row[:_stop_at(row, stops) + int(keep_stop)] for row in rows]
 
 
 def sample_completions_with_logits(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                                   temperature: float = 0.0, top_p: float = 1.0,
-                                   seed: int = 0) -> tuple[list[list[int]], tuple[torch.Tensor, ...]]:
+                                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                                   repetition_penalty: float = 1.0) -> tuple[list[list[int]], tuple[torch.Tensor, ...]]:
     """As `sample_completions` (the same answers), but each answer keeps the stop token that ended it (none when
     it reached max_new_tokens), and the model's raw logits come with them: one float32 tensor of shape
     `(len(prompts), V)` per generation step, before temperature, top-p or any other processor, so the token j of
@@ -216,7 +221,7 @@ def sample_completions_with_logits(model: Any, tokenizer: Any, prompts: Sequence
     if not prompts:
         return [], ()
     rows, stops, logits = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p, seed=seed, logits=True)
+                                    top_p=top_p, seed=seed, logits=True, repetition_penalty=repetition_penalty)
     return [row[:_stop_at(row, stops) + 1] for row in rows], logits
 
 

@@ -172,6 +172,9 @@ class Answers(kdistill.Evaluator):
         first: int = Field(0, ge=0, description="the first row used (keep the rows apart from the training prompts)")
         count: int = Field(32, ge=1, description="how many rows from `first`")
         max_new_tokens: int = Field(48, ge=1, description="longest answer, in tokens")
+        repetition_penalty: float = Field(1.0, ge=1.0, description="greedy decoding of teacher and student alike, with "
+                                          "the logits of tokens already in the answer divided by this (transformers' "
+                                          "repetition_penalty; 1: plain greedy)")
         batch_size: int = Field(16, ge=1, description="prompts answered (and scored) at once")
         show: int = Field(4, ge=0, description="rows printed to the terminal after training")
         label: str = Field("", pattern=r"^[A-Za-z0-9_-]*$", description="a name for this set of questions, so that one "
@@ -220,7 +223,8 @@ class Answers(kdistill.Evaluator):
         context.report(0, len(prompts), f"{who} answers")
         for start in range(0, len(prompts), self.options.batch_size):
             out += sample_completions(model, tokenizer, prompts[start:start + self.options.batch_size],
-                                      max_new_tokens=self.options.max_new_tokens)
+                                      max_new_tokens=self.options.max_new_tokens,
+                                      repetition_penalty=self.options.repetition_penalty)
             context.report(len(out), len(prompts), f"{who} answers")
         return out
 

@@ -79,6 +79,9 @@ class TeacherAnswers(kdistill.Generator):
         output: str = Field(min_length=1, description="the folder written (created; a data source reads it)")
         temperature: float = Field(0.0, ge=0, description="sampling temperature; 0 is greedy decoding")
         top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's probability mass (temperature > 0)")
+        repetition_penalty: float = Field(1.0, ge=1.0, description="divides the logits of tokens already in the answer "
+                                          "(transformers' repetition_penalty; 1: none); 1.1-1.3 keeps a small teacher "
+                                          "decoded greedily out of loops")
         max_new_tokens: int = Field(256, ge=1, description="the longest answer, in tokens")
         answers_per_prompt: int = Field(1, ge=1, description="answers sampled per prompt (more than 1 needs temperature > 0)")
         seed: int = Field(0, description="sampling seed; each batch is seeded from it and its prompts' place")
@@ -132,7 +135,9 @@ class TeacherAnswers(kdistill.Generator):
         texts = json.dumps([[index, prompt] for index, prompt in rows], ensure_ascii=False, sort_keys=True)
         return {"format": FORMAT, "teacher": teacher_identity(teacher),
                 "sampling": {"temperature": o.temperature, "top_p": o.top_p, "max_new_tokens": o.max_new_tokens,
-                             "answers_per_prompt": o.answers_per_prompt, "seed": o.seed},
+                             "answers_per_prompt": o.answers_per_prompt, "seed": o.seed,
+                             # recorded when used, so that folders written before the option existed stay valid
+                             **({"repetition_penalty": o.repetition_penalty} if o.repetition_penalty != 1.0 else {})},
                 "layout": {"batch_size": o.batch_size, "shard_prompts": o.shard_prompts},
                 "prompts": {"paths": list(o.prompts), "split": o.split, "column": o.column, "first": o.first,
                             "count": o.count, "digest": hashlib.sha256(texts.encode()).hexdigest()[:32]},
@@ -264,7 +269,8 @@ class TeacherAnswers(kdistill.Generator):
         """Each prompt's answer (without its stop token) and, with top_k, the columns stored beside it:
         completion_ids (the stop token included when one ended the answer) and the top-k of each of them."""
         o = self.options
-        sampling = {"max_new_tokens": o.max_new_tokens, "temperature": o.temperature, "top_p": o.top_p, "seed": seed}
+        sampling = {"max_new_tokens": o.max_new_tokens, "temperature": o.temperature, "top_p": o.top_p, "seed": seed,
+                    "repetition_penalty": o.repetition_penalty}
         if o.top_k is None:
             return [(answer, {}) for answer in sample_completions(teacher.model, teacher.tokenizer, prompts, **sampling)]
         answers, logits = sample_completions_with_logits(teacher.model, teacher.tokenizer, prompts, **sampling)
