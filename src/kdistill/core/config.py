@@ -59,7 +59,8 @@ class LossSpec(ComponentSpec):
 
 class FromTeacher(StaticModel):
     """Initialise the student from teacher layers (DistilBERT-style): the ones listed, or the `keep_layers`
-    most important by a measure taken on the recipe's data (see docs/students.md)."""
+    most important by a measure taken on the recipe's data; optionally narrower (`heads`, `mlp`: the heads
+    and MLP channels that matter most by activation on the same data). See docs/students.md."""
 
     layers: list[Count] | None = Field(None, min_length=1, description="the teacher layers to keep, in order")
     keep_layers: PositiveCount | None = Field(None, description="keep this many layers, the most important by `by`")
@@ -67,6 +68,10 @@ class FromTeacher(StaticModel):
         "block-influence", description="block-influence: 1 - cosine between a layer's input and output (ShortGPT); "
         "removal-kl: how far the teacher's output distribution moves (KL) when the layer alone is skipped")
     calibration_batches: PositiveCount = Field(4, description="training batches of the recipe's data the measure reads")
+    heads: PositiveCount | None = Field(None, description="width cut: attention heads kept per layer, the most "
+                                        "important by activation (a multiple of the teacher's key-value heads)")
+    mlp: PositiveCount | None = Field(None, description="width cut: MLP channels kept per layer, the most important "
+                                      "by activation")
 
     @pydantic.model_validator(mode="after")
     def _layers_or_keep(self) -> "FromTeacher":

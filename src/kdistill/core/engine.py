@@ -20,7 +20,7 @@ import torch
 from kdistill.__about__ import __version__
 from kdistill.core import checkpoint as ckpt
 from kdistill.core import components as kinds
-from kdistill.core import layer_choice, model_card, run_folder, summary
+from kdistill.core import layer_choice, model_card, run_folder, summary, width_cut
 from kdistill.core.backends import make_backend
 from kdistill.core.config import Plan, _typed, apply_overrides, load_recipe, required, resolve
 from kdistill.core.errors import ConfigError, KdistillError, RunFailed, guarded, os_error_line
@@ -61,8 +61,10 @@ class Engine:
             with self.console.status("loading the teacher"):
                 self.teacher.load(self.device)
         cut = recipe.student.from_teacher
-        if cut is not None and cut.keep_layers is not None and self.teacher is not None and self.teacher.model is not None:
-            layer_choice.check_keep_layers(cut.keep_layers, self.teacher.model)  # before a generator writes anything
+        if cut is not None and self.teacher is not None and self.teacher.model is not None:  # before a generator writes
+            if cut.keep_layers is not None:
+                layer_choice.check_keep_layers(cut.keep_layers, self.teacher.model)
+            width_cut.check_width(cut.heads, cut.mlp, self.teacher.model)
         if self.is_main:  # a generator's output (the data, usually) is written first when not complete
             run_generator(plan, self.teacher, self.device, lambda text: self.console.print(text, soft_wrap=True), first=True)
         self.backend.barrier()
@@ -70,13 +72,16 @@ class Engine:
         self.data = required(plan.build("data", kinds.DataSource))
         student_spec = recipe.student
         self.layer_choice: dict[str, Any] | None = None
-        if cut is not None and cut.keep_layers is not None:
+        width: dict[str, Any] | None = None
+        if cut is not None and (cut.keep_layers is not None or cut.heads is not None or cut.mlp is not None):
             teacher_model = self.teacher.model if self.teacher is not None else None
             if teacher_model is None:
-                raise ConfigError("student.from_teacher.keep_layers: measuring the teacher's layers needs its model "
+                field = "keep_layers" if cut.keep_layers is not None else "heads" if cut.heads is not None else "mlp"
+                raise ConfigError(f"student.from_teacher.{field}: measuring the teacher needs its model "
                                   "(a cached teacher: set teacher.options.load_source: true)")
-            student_spec = self._choose_layers(cut, cut.keep_layers, teacher_model, teacher_tokenizer)
-        self.student, self.tokenizer = build_student(student_spec, self.teacher.model if self.teacher else None, teacher_tokenizer)
+            student_spec, width = self._choose_cut(cut, teacher_model, teacher_tokenizer)
+        self.student, self.tokenizer = build_student(student_spec, self.teacher.model if self.teacher else None, teacher_tokenizer,
+                                                     width=width)
         check_shared_vocabulary(teacher_tokenizer, self.tokenizer, [item.entry.cls for item in plan.components["losses"]])
         self.student.to(self.device).train()
         choose_attention(self.student, self.device)
@@ -112,21 +117,34 @@ class Engine:
         self.skipped_steps = 0
         self.best_metric = t.best_metric or next((e.best_metric for e in self.evaluators if e.best_metric), None)
 
-    def _choose_layers(self, cut: Any, keep: int, teacher_model: Any, tokenizer: Any) -> Any:
-        """The student spec with the `keep` teacher layers that `cut.by` ranks highest, measured on the first
-        training batches of the recipe's data (read with the teacher's tokenizer)."""
+    def _choose_cut(self, cut: Any, teacher_model: Any, tokenizer: Any) -> tuple[Any, dict[str, Any] | None]:
+        """The student spec with the `keep_layers` teacher layers that `cut.by` ranks highest, and the heads and
+        MLP channels of a width cut, measured on the first training batches of the recipe's data (read with the
+        teacher's tokenizer); recorded in `layer_choice` (layer_choice.json)."""
         spec, t = self.recipe.student, self.recipe.train
         with self.console.status("reading and tokenizing the data"):
             self.data.setup(tokenizer, t.seed)
         batches = [self.data.train_batch(i, t.batch_size).to(self.device) for i in range(cut.calibration_batches)]
-        with self.console.status(f"measuring the teacher's layers ({cut.by}, {len(batches)} batches)"):
-            scores = layer_choice.layer_scores(teacher_model, batches, cut.by)
-        kept = layer_choice.keep(scores, keep)
-        self.layer_choice = {"by": cut.by, "keep_layers": keep, "calibration_batches": len(batches),
-                             "scores": scores, "layers": kept}
-        self.console.print(f"student.from_teacher: kept teacher layers {kept} of {len(scores)}, by {cut.by} "
-                           f"(scores {', '.join(f'{v:.3g}' for v in scores)})", soft_wrap=True)
-        return spec.model_copy(update={"from_teacher": cut.model_copy(update={"layers": kept})})
+        kept, choice = cut.layers, {"calibration_batches": len(batches)}
+        if cut.keep_layers is not None:
+            with self.console.status(f"measuring the teacher's layers ({cut.by}, {len(batches)} batches)"):
+                scores = layer_choice.layer_scores(teacher_model, batches, cut.by)
+            kept = layer_choice.keep(scores, cut.keep_layers)
+            choice.update(by=cut.by, keep_layers=cut.keep_layers, scores=scores)
+            self.console.print(f"student.from_teacher: kept teacher layers {kept} of {len(scores)}, by {cut.by} "
+                               f"(scores {', '.join(f'{v:.3g}' for v in scores)})", soft_wrap=True)
+        choice["layers"] = kept
+        width = None
+        if cut.heads is not None or cut.mlp is not None:
+            with self.console.status(f"measuring the teacher's heads and MLP channels ({len(batches)} batches)"):
+                scores_w = width_cut.width_scores(teacher_model, batches)
+            kv = width_cut.kv_heads(teacher_model.config)
+            width = width_cut.kept_width(scores_w, kept, cut.heads, cut.mlp, kv)
+            choice["width"] = {"by": "activation", "heads": cut.heads, "mlp": cut.mlp, "kept": width, "scores": scores_w}
+            self.console.print(f"student.from_teacher: {cut.heads or 'all'} attention heads and {cut.mlp or 'all'} MLP "
+                               "channels per layer, the most important by activation", soft_wrap=True)
+        self.layer_choice = choice
+        return spec.model_copy(update={"from_teacher": cut.model_copy(update={"layers": kept})}), width
 
     def val_batches(self):
         size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size

@@ -20,7 +20,12 @@ def _student(recipe: Mapping[str, Any], layer_choice: Mapping[str, Any] | None, 
     if spec.get("from_teacher"):
         cut = spec["from_teacher"]
         layers = layer_choice["layers"] if layer_choice else cut["layers"]
-        how = f"the teacher's layers {layers}" + (f", the {len(layers)} most important by {layer_choice['by']}" if layer_choice else "")
+        how = f"the teacher's layers {layers}" + (f", the {len(layers)} most important by {layer_choice['by']}"
+                                                  if layer_choice and "by" in layer_choice else "")
+        width = (layer_choice or {}).get("width")
+        if width:
+            how += (f"; {width['heads'] or 'all'} attention heads and {width['mlp'] or 'all'} MLP channels per layer, "
+                    "the most important by activation")
     elif spec.get("model"):
         how = f"the model in `{spec['model']}`"
     else:

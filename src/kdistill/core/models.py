@@ -351,10 +351,15 @@ def _model_types() -> set[str]:
     return set(CONFIG_MAPPING_NAMES)
 
 
-def build_student(spec, teacher_model: LM | None, teacher_tokenizer):
-    """The student model and its tokenizer, from the recipe's `student` section."""
+def build_student(spec, teacher_model: LM | None, teacher_tokenizer, width: dict[str, Any] | None = None):
+    """The student model and its tokenizer, from the recipe's `student` section; `width`: the heads and MLP
+    channels a width cut keeps of each layer (`width_cut.kept_width`)."""
 
     model, tokenizer = _build_student(spec, teacher_model, teacher_tokenizer)
+    if width:  # a width cut, chosen by the engine (core/width_cut.py)
+        from kdistill.core.width_cut import cut_width
+
+        model = cut_width(model, width)
     if spec.lora is not None:
         from kdistill.core.adapters import add_lora
 
