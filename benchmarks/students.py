@@ -10,7 +10,9 @@ validation split of tiny-shakespeare (in-domain) and TriviaQA questions (another
 
 Variants: the 6 layers block influence keeps, the hand-chosen 6 (0, 6, 12, 18, 24, 29), every fifth layer
 (0, 5, ..., 25), the removal-kl choice; LoRA (r 16, every linear layer) on the hand-chosen 6 at the same steps;
-and LoRA on a 12-layer student (block influence), the larger student that LoRA's smaller optimizer state affords.
+and LoRA on a 12-layer student (block influence), the larger student that LoRA's smaller optimizer state affords;
+a width cut of about the 6-layer students' size: the 11 layers block influence keeps, each with 6 of its 9
+attention heads and 768 of its 1,536 MLP channels, the most important by activation (`width`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ VARIANTS = {
     "chosen": ["student.from_teacher={keep_layers: 6, by: block-influence}"],
     "removal-kl": ["student.from_teacher={keep_layers: 6, by: removal-kl, calibration_batches: 2}"],
     "hand": ["student.from_teacher={layers: [0, 6, 12, 18, 24, 29]}"],
+    "width": ["student.from_teacher={keep_layers: 11, by: block-influence, heads: 6, mlp: 768}"],
     "fifth": ["student.from_teacher={layers: [0, 5, 10, 15, 20, 25]}"],
     "lora-hand": ["student.from_teacher={layers: [0, 6, 12, 18, 24, 29]}",
                   "student.lora={r: 16, alpha: 32, target_modules: all-linear}", "train.lr=2.0e-3"],
@@ -59,7 +62,8 @@ def run_variant(name: str, overrides: list[str], out: Path, steps: int, reuse: b
     choice = folder / "layer_choice.json"
     result = {"name": name, "seconds": time.perf_counter() - began, "peak_mib": usage.ru_maxrss / 1024,
               "before": summary["before"], "after": summary["after"], "final": summary["final_model"],
-              "layers": json.loads(choice.read_text())["layers"] if choice.exists() else None}
+              "layers": json.loads(choice.read_text())["layers"] if choice.exists() else None,
+              "width": json.loads(choice.read_text()).get("width", {}).get("kept") if choice.exists() else None}
     shutil.rmtree(folder / "artifacts", ignore_errors=True)  # the jsonl tracker's copy of final/
     (folder / "bench.json").write_text(json.dumps(result))
     return result
@@ -125,6 +129,10 @@ def main() -> None:
         final = AutoModelForCausalLM.from_pretrained(r["final"])
         layers = r["layers"] or _layers_of(r)
         start = student_from_teacher(teacher, layers, "float32")
+        if r.get("width"):
+            from kdistill.core.width_cut import cut_width
+
+            start = cut_width(start, r["width"])
         trained = _trained_parameters(r)
         print(f"| {r['name']} | {layers} | {trained} | {r['before']['val/student_ppl']:.4g} | {r['after']['val/student_ppl']:.4g} "
               f"| {perplexity(start, blocks):.4g} | {perplexity(final, blocks):.4g} | {r['peak_mib']:.0f} | {r['seconds']:.0f} |")
