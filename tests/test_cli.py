@@ -148,7 +148,7 @@ def test_recipes_lists_the_main_recipes_first_with_whole_wrapped_descriptions():
     lines = result.stdout.splitlines()
     width = len("quickstart-progressive") + 2  # the longest name and two spaces
     assert lines[:4] == [
-        "quickstart-chat".ljust(width) + "Chat quickstart: SmolLM2-135M-Instruct -> a 20-layer student that answers",
+        "quickstart-chat".ljust(width) + "Chat quickstart: SmolLM2-135M-Instruct -> a 24-layer student that answers",
         " " * width + "questions (CPU, minutes).",
         "quickstart".ljust(width) + "Quickstart: SmolLM2-135M-Instruct -> a 6-layer student, on tiny-shakespeare",
         " " * width + "(CPU, minutes).",
