@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--k", default="8,16,32,64")
     parser.add_argument("--temperatures", default="1,2")
     parser.add_argument("--modes", default="top-k,sampled")
+    parser.add_argument("--only", default="", help="comma-separated run names to keep of those the options make "
+                        "(live-T2, sampled-k32-T2, top-k-k64-T1, ...); the table shows these")
     parser.add_argument("--ce-steps", type=int, default=0, help="also train with cross-entropy alone for this many steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each on one thread when more than one)")
     parser.add_argument("--reuse", action="store_true", help="take a run's figures from an earlier run in --out")
@@ -99,6 +101,9 @@ def main() -> None:
     runs = [(f"live-T{t:g}", None, 0, t) for t in temperatures]
     runs += [(f"{mode}-k{k}-T{t:g}", mode, int(k), t) for t in temperatures for mode in args.modes.split(",")
              for k in args.k.split(",")]
+    if args.only:
+        wanted = set(args.only.split(","))
+        runs = [run for run in runs if run[0] in wanted or run[0].startswith("live-")]
     if args.ce_steps:
         runs.append((f"ce-{args.ce_steps}", "ce", 0, temperatures[0]))
     threads = 1 if args.jobs > 1 else 0

@@ -3,7 +3,7 @@ the cache costs against the teacher's bare forward; side by side in one process,
 
     python benchmarks/cached_step.py [--workdir DIR] [--steps 3] [--rounds 3] [--write-batches 4]
 
-1. Writes the caches the steps read when missing (`quickstart-cached`: SmolLM2-135M-Instruct teacher,
+1. Writes the caches the steps read (4 x steps x rounds blocks) when missing (`quickstart-cached`: SmolLM2-135M-Instruct teacher,
    vocabulary 49,152, the 6-layer student cut from it, 4 x 128 tokens): top-k (k = 64) and sampled (k = 32
    draws), both at T = 2.
 2. Steps, each engine `--steps` per round in turn: cross-entropy alone (the same student forward and
@@ -142,8 +142,9 @@ def main() -> None:
     os.chdir(args.workdir)
     from kdistill.plugins.teachers.cached import cache_from_plan
 
+    blocks = 4 * args.steps * args.rounds  # the blocks the steps read: the caches hold exactly those
     common = ["train.save_every=0", "train.eval_every=0", "evaluators=[]", "tracker={name: jsonl}",
-              f"train.steps={args.steps * args.rounds}"]
+              f"train.steps={args.steps * args.rounds}", f"data.options.max_train_blocks={blocks}"]
     for overrides in CACHES.values():
         cache_from_plan(plan("quickstart-cached", common + overrides), progress=False)
     kd = ["losses=[{name: forward-kl, weight: 0.5, options: {temperature: 2.0}}, {name: cross-entropy, weight: 0.5}]"]
@@ -152,7 +153,7 @@ def main() -> None:
             "losses=[{name: cross-entropy, weight: 1.0}]", "output_dir=runs/ce"]),
         "KD from the top-k cache (k=64)": build("quickstart-cached", common + CACHES["top-k"] + kd + ["output_dir=runs/top-k"]),
         "KD from the sampled cache (k=32)": build("quickstart-cached", common + CACHES["sampled"] + kd + ["output_dir=runs/sampled"]),
-        "KD from the live teacher": build("quickstart", common + kd + ["data.options.max_train_blocks=96", "output_dir=runs/live"]),
+        "KD from the live teacher": build("quickstart", common + kd + ["output_dir=runs/live"]),
     }
     rows = step_rows(engines, args.steps, args.rounds)
     base = statistics.median(t for t, _ in rows["cross-entropy alone"])
