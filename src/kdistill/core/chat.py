@@ -170,8 +170,8 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, m
     # of 50, would cut the distribution that on-policy losses assume the answers are drawn from)
     from transformers import GenerationConfig
 
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
-        {"do_sample": False}
+    sampling: dict[str, Any] = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
+        if temperature > 0 else {"do_sample": False}
     if repetition_penalty != 1.0:
         sampling["repetition_penalty"] = repetition_penalty
     # output_logits: the logits as the model gave them, before temperature, top-p or any other processor

@@ -125,7 +125,8 @@ class Engine:
         with self.console.status("reading and tokenizing the data"):
             self.data.setup(tokenizer, t.seed)
         batches = [self.data.train_batch(i, t.batch_size).to(self.device) for i in range(cut.calibration_batches)]
-        kept, choice = cut.layers, {"calibration_batches": len(batches)}
+        kept = cut.layers
+        choice: dict[str, Any] = {"calibration_batches": len(batches)}
         if cut.keep_layers is not None:
             with self.console.status(f"measuring the teacher's layers ({cut.by}, {len(batches)} batches)"):
                 scores = layer_choice.layer_scores(teacher_model, batches, cut.by)

@@ -40,7 +40,7 @@ def kv_heads(config: Any) -> int:
     return _shape(config)[1]
 
 
-def _blocks(model: nn.Module, field: str) -> list[tuple[nn.Module, nn.Module]]:
+def _blocks(model: nn.Module, field: str) -> list[tuple[Any, Any]]:
     """Each decoder layer's (attention, MLP) modules, refused in one line when they are not llama-style."""
     _, layers = decoder_layers(model)
     out = []
@@ -56,7 +56,7 @@ def _blocks(model: nn.Module, field: str) -> list[tuple[nn.Module, nn.Module]]:
     return out
 
 
-def check_width(heads: int | None, mlp: int | None, teacher: nn.Module) -> None:
+def check_width(heads: int | None, mlp: int | None, teacher: Any) -> None:
     """The counts fit the teacher: heads a multiple of its key-value heads, at most its heads; mlp at most its channels."""
     if heads is None and mlp is None:
         return
@@ -69,7 +69,7 @@ def check_width(heads: int | None, mlp: int | None, teacher: nn.Module) -> None:
         raise ConfigError(f"{FIELD}.mlp: {mlp} is more than the teacher's {channels} MLP channels")
 
 
-def width_scores(teacher: nn.Module, batches: Sequence[Any]) -> dict[str, list[list[float]]]:
+def width_scores(teacher: Any, batches: Sequence[Any]) -> dict[str, list[list[float]]]:
     """Every layer's head and MLP-channel importance (see the module's docstring), float64 sums over real tokens."""
     blocks = _blocks(teacher, FIELD)
     n_heads, _, head_dim, channels = _shape(teacher.config)
@@ -136,7 +136,7 @@ def kept_width(scores: dict[str, list[list[float]]], layers: Sequence[int], head
     return out
 
 
-def cut_width(student: nn.Module, kept: dict[str, list[list[int]]]) -> nn.Module:
+def cut_width(student: Any, kept: dict[str, list[list[int]]]) -> Any:
     """A copy of `student` (llama-style, layer i built from the teacher layer whose choice is kept[...][i]) with
     only the kept heads and MLP channels: rows of q_proj and gate/up_proj, columns of o_proj and down_proj."""
     from transformers import AutoModelForCausalLM
