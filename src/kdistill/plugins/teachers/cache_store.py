@@ -69,7 +69,6 @@ INDEX = "index.safetensors"
 LEVELS = 255
 ENCODING = "kdistill-top-k/1"  # per position: ids, q (uint8), hi, lo, log_tail (float16), as below
 SAMPLED_ENCODING = "kdistill-sampled/1"  # per position: ids, counts (uint8) of k draws, as above
-MODES = ("top-k", "sampled")
 MAX_DRAWS = 255  # counts are stored in one byte
 FIELDS = {"top-k": ("ids", "q", "hi", "lo", "log_tail"), "sampled": ("ids", "counts")}
 
