@@ -23,10 +23,14 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from on_policy import Timed, build  # noqa: E402  (the same engine builder and timer)
 
 CACHES = {"top-k": ["teacher.options.mode=top-k", "teacher.options.k=64", "teacher.options.path=runs/cache-top-k"],
           "sampled": ["teacher.options.mode=sampled", "teacher.options.k=32", "teacher.options.path=runs/cache-sampled"]}
@@ -38,34 +42,6 @@ def plan(recipe: str, overrides: list[str]):
     from kdistill.toolkit import recipe_path
 
     return resolve(load_recipe(recipe_path(Path(recipe)), overrides), Registry.from_plugins())
-
-
-def build(recipe: str, overrides: list[str]):
-    from kdistill.core.config import load_recipe, resolve
-    from kdistill.core.engine import Engine
-    from kdistill.core.plugins import make_plugin_manager
-    from kdistill.core.registry import Registry
-    from kdistill.toolkit import recipe_path
-
-    pm = make_plugin_manager()
-    registry = Registry.from_plugins(pm)
-    engine = Engine(resolve(load_recipe(recipe_path(Path(recipe)), overrides), registry), pm, registry)
-    engine.build()
-    return engine
-
-
-class Timed:
-    """Wraps a callable and adds up the seconds spent in it."""
-
-    def __init__(self, call):
-        self.call, self.seconds = call, 0.0
-
-    def __call__(self, *args, **kwargs):
-        began = time.perf_counter()
-        try:
-            return self.call(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - began
 
 
 def step_rows(engines: dict, steps: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
