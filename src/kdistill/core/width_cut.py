@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kdistill.core.errors import ConfigError
+from kdistill.core.layer_choice import keep
 from kdistill.core.models import decoder_layers
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -113,12 +114,6 @@ def width_scores(teacher: Any, batches: Sequence[Any]) -> dict[str, list[list[fl
     return {"heads": (head_sums / max(count, 1)).tolist(), "mlp": (channel_sums / max(count, 1)).tolist()}
 
 
-def _top(scores: Sequence[float], n: int) -> list[int]:
-    """The indices of the n highest scores, in index order (ties: the earlier)."""
-    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    return sorted(ranked[:n])
-
-
 def kept_width(scores: dict[str, list[list[float]]], layers: Sequence[int], heads: int | None, mlp: int | None,
                kv_heads: int) -> dict[str, list[list[int]]]:
     """For each kept teacher layer (in student order): the heads kept (the best heads / kv_heads of each
@@ -130,9 +125,9 @@ def kept_width(scores: dict[str, list[list[float]]], layers: Sequence[int], head
             row = scores["heads"][layer]
             size = len(row) // kv_heads
             out["heads"].append([g * size + i for g in range(kv_heads)
-                                 for i in _top(row[g * size:(g + 1) * size], per_group)])
+                                 for i in keep(row[g * size:(g + 1) * size], per_group)])
     if mlp is not None:
-        out["mlp"] = [_top(scores["mlp"][layer], mlp) for layer in layers]
+        out["mlp"] = [keep(scores["mlp"][layer], mlp) for layer in layers]
     return out
 
 
