@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# dequantized GGUF copies go to a folder of this test session's, never to the user's ~/.cache
+os.environ["KDISTILL_CACHE"] = tempfile.mkdtemp(prefix="kdistill-test-cache-")
+atexit.register(shutil.rmtree, os.environ["KDISTILL_CACHE"], True)
 
 WORDS = ("the king queen lord lady speak shall will not thou thee my our good night day love war peace "
          "sword crown house come go stay fly rest sleep dream of and to in with for but is was").split()

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,68 @@ def _split_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
     if gguf_file is None and path.suffix == ".gguf":
         return path.parent, path.name
     return path, gguf_file
+
+
+def cache_root() -> Path | None:
+    """Where kdistill keeps what it can rebuild: $KDISTILL_CACHE, else $XDG_CACHE_HOME/kdistill or
+    ~/.cache/kdistill; None when KDISTILL_CACHE is `off`."""
+    value = os.environ.get("KDISTILL_CACHE", "").strip()
+    if value.lower() in ("off", "0", "false", "no"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdistill"
+
+
+def dequantized_folder(file: Path) -> Path | None:
+    """Where the dequantized copy of the GGUF `file` lives (safetensors, config, tokenizer), written or not:
+    keyed by the file's path, size and modification time and by transformers' version, so a changed file or
+    a different conversion is never read from an old copy. None when the cache is off."""
+    root = cache_root()
+    if root is None:
+        return None
+    import transformers
+
+    stat = file.stat()
+    key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return root / "gguf" / f"{file.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _cached_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
+    """(folder, None) for a GGUF file whose dequantized copy is in the cache (read as a safetensors
+    folder: seconds instead of dequantizing again); the arguments unchanged otherwise."""
+    if not gguf_file:
+        return path, gguf_file
+    folder = dequantized_folder(path / gguf_file) if (path / gguf_file).is_file() else None
+    if folder is not None and (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder, None
+    return path, gguf_file
+
+
+def _write_dequantized(model: LM, file: Path, trust_remote_code: bool) -> None:
+    """Save the model just dequantized from `file` (float32, exact) and its tokenizer to the cache, written
+    to a temporary folder and renamed, so a killed or concurrent write never leaves a partial copy."""
+    folder = dequantized_folder(file)
+    if folder is None:
+        return
+    from transformers import AutoTokenizer
+
+    shutil.rmtree(folder, ignore_errors=True)  # an incomplete copy (its weights deleted by hand)
+
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True,
+                                      trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        tmp.rename(folder)
+        log.info("dequantized %s cached in %s (KDISTILL_CACHE=off turns this off)", file.name, folder)
+    except OSError as exc:  # a full or read-only disk costs the next run its time, nothing else
+        if not folder.exists():
+            log.warning("could not cache the dequantized %s in %s (%s); it is dequantized again next time",
+                        file.name, folder.parent, exc.strerror or exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _refuse_custom_code(path: Path, field: str, trust_remote_code: bool) -> None:
@@ -105,6 +170,9 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
     target = path / gguf_file if gguf_file else path
     if not target.exists():
         raise ConfigError(f"{field}: no such file or folder: {target}")
+    from_copy = gguf_file is not None
+    path, gguf_file = _cached_gguf(path, gguf_file)
+    from_copy = from_copy and gguf_file is None
     if not gguf_file:  # a GGUF file carries no code (its folder may be a Python package)
         _refuse_custom_code(path, field, trust_remote_code)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
@@ -126,12 +194,14 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
     try:
         loaded: LM = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{field}: cannot load a model from {target}: {str(exc).splitlines()[0]}") from None
+        copy_hint = f" (read from its dequantized copy {path}: delete that folder to rebuild it)" if from_copy else ""
+        raise ConfigError(f"{field}: cannot load a model from {target}{copy_hint}: {str(exc).splitlines()[0]}") from None
     if gguf_file:
         # the weights are already dequantized; the quantizer would only block dtype casts and saving
         loaded.hf_quantizer = None
         if hasattr(loaded.config, "quantization_config"):
             del loaded.config.quantization_config
+        _write_dequantized(loaded, target, trust_remote_code)
         loaded = loaded.to(DTYPES[dtype])
         if quantization != "none":
             loaded = _requantize(loaded, field, quantization, double_quant, dtype)
@@ -223,7 +293,7 @@ def _requantize(model: LM, field: str, quantization: str, double_quant: bool, dt
 def load_tokenizer(model: str, field: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path, gguf_file = _split_gguf(resolve_path(model, field), gguf_file)
+    path, gguf_file = _cached_gguf(*_split_gguf(resolve_path(model, field), gguf_file))
     if not gguf_file:  # a GGUF file carries no code (its folder may be a Python package)
         _refuse_custom_code(path, field, trust_remote_code)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}

@@ -1,0 +1,127 @@
+"""A GGUF teacher is dequantized once: the first load writes a safetensors copy (with its tokenizer) to
+kdistill's cache, later loads read it and compute exactly what the dequantized file computes; a changed
+file gets a new copy, KDISTILL_CACHE=off writes none, and a cache that cannot be written costs a warning."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from conftest import byte_level_bpe, cli_result, make_text
+
+pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>\n{% endfor %}"
+TEXTS = ["The king shall speak of war and peace.", "Thou good lady, come and rest with me tonight."]
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    """A tiny Llama with tied embeddings, exported as Q8_0 (so loading it dequantizes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("gguf-copy")
+    tok = byte_level_bpe(make_text(), 320)
+    tok.chat_template = CHAT
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True))
+    model.save_pretrained(root / "student")
+    tok.save_pretrained(root / "student")
+    out = root / "teacher" / "tiny.gguf"
+    out.parent.mkdir()
+    code, _, stderr = cli_result("export-gguf", root / "student", "--out", out, "--dtype", "q8_0")
+    assert code == 0, stderr
+    return out
+
+
+def logits(model, tokenizer):
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def loads(monkeypatch):
+    """Record the keyword arguments of every from_pretrained call (which file each load reads)."""
+    from transformers import AutoModelForCausalLM
+
+    calls: list[dict] = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, **kwargs):
+        calls.append({"path": str(path), **kwargs})
+        return original(cls, path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    return calls
+
+
+def test_the_second_load_reads_the_copy_and_computes_the_same(gguf_file, tmp_path, monkeypatch):
+    from kdistill.core.models import dequantized_folder, load_causal_lm, load_tokenizer
+
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    calls = loads(monkeypatch)
+    first, first_tok = load_causal_lm(str(gguf_file), "teacher.options.model"), load_tokenizer(str(gguf_file), "teacher.options.model")
+    folder = dequantized_folder(gguf_file)
+    assert folder is not None and folder.parent == tmp_path / "cache" / "gguf" and folder.name.startswith("tiny-")
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary folder left
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    second, second_tok = load_causal_lm(str(gguf_file), "teacher.options.model"), load_tokenizer(str(gguf_file), "teacher.options.model")
+    assert [c.get("gguf_file") for c in calls] == ["tiny.gguf", None] and calls[1]["path"] == str(folder)
+
+    for text in [*TEXTS, "<eos> the queen"]:
+        assert second_tok(text)["input_ids"] == first_tok(text)["input_ids"]
+    assert second_tok.chat_template == first_tok.chat_template == CHAT
+    assert second.config.tie_word_embeddings and second.get_output_embeddings().weight is second.get_input_embeddings().weight
+    assert torch.equal(logits(second, second_tok), logits(first, first_tok))
+
+    half = load_causal_lm(str(gguf_file), "teacher.options.model", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and calls[-1]["path"] == str(folder)
+    assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(half.state_dict().values(), first.state_dict().values()))
+
+
+def test_a_changed_file_gets_a_new_copy_and_a_broken_copy_is_rebuilt(gguf_file, tmp_path, monkeypatch):
+    from kdistill.core.models import dequantized_folder, load_causal_lm
+
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "teacher.gguf"
+    copy.write_bytes(gguf_file.read_bytes())
+    load_causal_lm(str(copy), "teacher.options.model")
+    old = dequantized_folder(copy)
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    new = dequantized_folder(copy)
+    assert new != old and new is not None and not new.exists()
+    calls = loads(monkeypatch)
+    load_causal_lm(str(copy), "teacher.options.model")
+    assert calls[0].get("gguf_file") == "teacher.gguf" and (new / "config.json").is_file()
+
+    (new / "model.safetensors").unlink()  # a copy without its weights is not read; it is written again
+    load_causal_lm(str(copy), "teacher.options.model")
+    assert calls[1].get("gguf_file") == "teacher.gguf" and (new / "model.safetensors").is_file()
+
+
+def test_off_writes_nothing_and_an_unwritable_cache_costs_a_warning(gguf_file, tmp_path, monkeypatch, caplog):
+    from kdistill.core.models import dequantized_folder, load_causal_lm
+
+    monkeypatch.setenv("KDISTILL_CACHE", "off")
+    assert dequantized_folder(gguf_file) is None
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    load_causal_lm(str(gguf_file), "teacher.options.model")
+    assert not (tmp_path / "home").exists() and not (tmp_path / "xdg").exists()
+
+    monkeypatch.delenv("KDISTILL_CACHE")
+    assert dequantized_folder(gguf_file).parent == tmp_path / "xdg" / "kdistill" / "gguf"
+    (tmp_path / "xdg").mkdir()
+    (tmp_path / "xdg" / "kdistill").write_text("a file where the cache folder would be")
+    with caplog.at_level(logging.WARNING, logger="kdistill"):
+        model = load_causal_lm(str(gguf_file), "teacher.options.model")
+    assert model is not None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not cache the dequantized tiny.gguf in {tmp_path / 'xdg' / 'kdistill' / 'gguf'} (Not a directory); "
+        "it is dequantized again next time"]
