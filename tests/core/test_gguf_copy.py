@@ -1,11 +1,11 @@
 """A GGUF teacher is dequantized once: the first load writes a safetensors copy (with its tokenizer) to
-kdistill's cache, later loads read it and compute exactly what the dequantized file computes; a changed
-file gets a new copy, KDISTILL_CACHE=off writes none, and a cache that cannot be written costs a warning."""
+kdistill's cache, later loads read it and compute exactly what the dequantized file computes; a file with
+other content gets a new copy, KDISTILL_CACHE=off writes none, and a cache that cannot be written costs a
+warning."""
 
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 
@@ -19,8 +19,8 @@ TEXTS = ["The king shall speak of war and peace.", "Thou good lady, come and res
 
 
 @pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory):
-    """A tiny Llama with tied embeddings, exported as Q8_0 (so loading it dequantizes)."""
+def gguf_files(tmp_path_factory):
+    """A tiny Llama with tied embeddings, exported as Q8_0 (so loading it dequantizes) and as F16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("gguf-copy")
@@ -32,11 +32,18 @@ def gguf_file(tmp_path_factory):
                                          pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True))
     model.save_pretrained(root / "student")
     tok.save_pretrained(root / "student")
-    out = root / "teacher" / "tiny.gguf"
-    out.parent.mkdir()
-    code, _, stderr = cli_result("export-gguf", root / "student", "--out", out, "--dtype", "q8_0")
-    assert code == 0, stderr
-    return out
+    files = {}
+    for dtype in ("q8_0", "f16"):
+        files[dtype] = root / dtype / "tiny.gguf"
+        files[dtype].parent.mkdir()
+        code, _, stderr = cli_result("export-gguf", root / "student", "--out", files[dtype], "--dtype", dtype)
+        assert code == 0, stderr
+    return files
+
+
+@pytest.fixture
+def gguf_file(gguf_files):
+    return gguf_files["q8_0"]
 
 
 def logits(model, tokenizer):
@@ -84,25 +91,34 @@ def test_the_second_load_reads_the_copy_and_computes_the_same(gguf_file, tmp_pat
     assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(half.state_dict().values(), first.state_dict().values()))
 
 
-def test_a_changed_file_gets_a_new_copy_and_a_broken_copy_is_rebuilt(gguf_file, tmp_path, monkeypatch):
+def test_a_changed_file_gets_a_new_copy_and_a_broken_copy_is_rebuilt(gguf_files, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     from kdistill.core.models import dequantized_folder, load_causal_lm
 
     monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
-    copy = tmp_path / "teacher.gguf"
-    copy.write_bytes(gguf_file.read_bytes())
-    load_causal_lm(str(copy), "teacher.options.model")
-    old = dequantized_folder(copy)
-    stat = copy.stat()
-    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    new = dequantized_folder(copy)
-    assert new != old and new is not None and not new.exists()
+    teacher = tmp_path / "teacher.gguf"
+    teacher.write_bytes(gguf_files["q8_0"].read_bytes())
+    load_causal_lm(str(teacher), "teacher.options.model")
+    old = dequantized_folder(teacher)
+    assert old is not None and old.is_dir()
+    elsewhere = tmp_path / "elsewhere" / "teacher.gguf"  # the same file in another place shares the copy
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(teacher.read_bytes())
+    assert dequantized_folder(elsewhere) == old
+
+    teacher.write_bytes(gguf_files["f16"].read_bytes())  # the file replaced by another export of the weights
+    new = dequantized_folder(teacher)
+    assert new is not None and new != old and not new.exists()
     calls = loads(monkeypatch)
-    load_causal_lm(str(copy), "teacher.options.model")
+    model = load_causal_lm(str(teacher), "teacher.options.model")
     assert calls[0].get("gguf_file") == "teacher.gguf" and (new / "config.json").is_file()
+    f16 = AutoModelForCausalLM.from_pretrained(str(gguf_files["f16"].parent), gguf_file="tiny.gguf")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), f16.state_dict().values()))
 
     (new / "model.safetensors").unlink()  # a copy without its weights is not read; it is written again
-    load_causal_lm(str(copy), "teacher.options.model")
-    assert calls[1].get("gguf_file") == "teacher.gguf" and (new / "model.safetensors").is_file()
+    load_causal_lm(str(teacher), "teacher.options.model")
+    assert calls[2].get("gguf_file") == "teacher.gguf" and (new / "model.safetensors").is_file()
 
 
 def test_off_writes_nothing_and_an_unwritable_cache_costs_a_warning(gguf_file, tmp_path, monkeypatch, caplog):

@@ -49,18 +49,33 @@ def cache_root() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdistill"
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # a file's sha256 by (path, size, mtime), hashed once a process
+
+
+def _file_digest(file: Path) -> str:
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
 def dequantized_folder(file: Path) -> Path | None:
     """Where the dequantized copy of the GGUF `file` lives (safetensors, config, tokenizer), written or not:
-    keyed by the file's path, size and modification time and by transformers' version, so a changed file or
-    a different conversion is never read from an old copy. None when the cache is off."""
+    named after the file's content (sha256) and transformers' version, so a changed file or another
+    conversion is never read from an old copy, and the same file in two environments shares one copy.
+    None when the cache is off."""
     root = cache_root()
     if root is None:
         return None
     import transformers
 
-    stat = file.stat()
-    key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    return root / "gguf" / f"{file.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    key = hashlib.sha256(f"{_file_digest(file)}|{transformers.__version__}".encode()).hexdigest()[:16]
+    return root / "gguf" / f"{file.stem}-{key}"
 
 
 def _cached_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
