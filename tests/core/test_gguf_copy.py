@@ -5,6 +5,7 @@ warning."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import pytest
@@ -68,11 +69,14 @@ def loads(monkeypatch):
 
 
 def test_the_second_load_reads_the_copy_and_computes_the_same(gguf_file, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
     from kdistill.core.models import dequantized_folder, load_causal_lm, load_tokenizer
 
     monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
     calls = loads(monkeypatch)
-    first, first_tok = load_causal_lm(str(gguf_file), "teacher.options.model"), load_tokenizer(str(gguf_file), "teacher.options.model")
+    first = load_causal_lm(str(gguf_file), "teacher.options.model")
+    first_tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)  # straight from the file
     folder = dequantized_folder(gguf_file)
     assert folder is not None and folder.parent == tmp_path / "cache" / "gguf" and folder.name.startswith("tiny-")
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary folder left
@@ -80,9 +84,11 @@ def test_the_second_load_reads_the_copy_and_computes_the_same(gguf_file, tmp_pat
     second, second_tok = load_causal_lm(str(gguf_file), "teacher.options.model"), load_tokenizer(str(gguf_file), "teacher.options.model")
     assert [c.get("gguf_file") for c in calls] == ["tiny.gguf", None] and calls[1]["path"] == str(folder)
 
+    assert second_tok.get_vocab() == first_tok.get_vocab() and len(second_tok) == len(first_tok)
     for text in [*TEXTS, "<eos> the queen"]:
         assert second_tok(text)["input_ids"] == first_tok(text)["input_ids"]
     assert second_tok.chat_template == first_tok.chat_template == CHAT
+    assert (second_tok.eos_token, second_tok.pad_token) == (first_tok.eos_token, first_tok.pad_token)
     assert second.config.tie_word_embeddings and second.get_output_embeddings().weight is second.get_input_embeddings().weight
     assert torch.equal(logits(second, second_tok), logits(first, first_tok))
 
@@ -132,12 +138,32 @@ def test_off_writes_nothing_and_an_unwritable_cache_costs_a_warning(gguf_file, t
     assert not (tmp_path / "home").exists() and not (tmp_path / "xdg").exists()
 
     monkeypatch.delenv("KDISTILL_CACHE")
-    assert dequantized_folder(gguf_file).parent == tmp_path / "xdg" / "kdistill" / "gguf"
     (tmp_path / "xdg").mkdir()
     (tmp_path / "xdg" / "kdistill").write_text("a file where the cache folder would be")
+    assert dequantized_folder(gguf_file).parent == tmp_path / "xdg" / "kdistill" / "gguf"
     with caplog.at_level(logging.WARNING, logger="kdistill"):
         model = load_causal_lm(str(gguf_file), "teacher.options.model")
     assert model is not None
     assert [r.getMessage() for r in caplog.records] == [
         f"could not cache the dequantized tiny.gguf in {tmp_path / 'xdg' / 'kdistill' / 'gguf'} (Not a directory); "
         "it is dequantized again next time"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="needs bitsandbytes: pip install 'kdistill[quant]' (.ci/run does)")
+def test_a_quantized_load_reads_the_copy_the_first_time_too(gguf_file, tmp_path, monkeypatch):
+    """nf4 from a GGUF: the first load writes the copy and quantizes that, as every later load does, so both
+    compute the same (and the weights are not written twice)."""
+    from transformers import AutoTokenizer
+
+    from kdistill.core.models import dequantized_folder, load_causal_lm
+
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    calls = loads(monkeypatch)
+    first = load_causal_lm(str(gguf_file), "teacher.options.model", quantization="nf4").eval()
+    second = load_causal_lm(str(gguf_file), "teacher.options.model", quantization="nf4").eval()
+    folder = dequantized_folder(gguf_file)
+    assert [c["path"] for c in calls] == [str(gguf_file.parent), str(folder), str(folder)]
+    assert [type(m.model.layers[0].mlp.down_proj).__name__ for m in (first, second)] == ["Linear4bit"] * 2
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    assert torch.equal(logits(first, tok), logits(second, tok))

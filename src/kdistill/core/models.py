@@ -49,19 +49,25 @@ def cache_root() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdistill"
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}  # a file's sha256 by (path, size, mtime), hashed once a process
-
-
-def _file_digest(file: Path) -> str:
+def _file_digest(file: Path, root: Path) -> str:
+    """sha256 of `file`'s content, read once per file version: remembered under `root`/digests by its path,
+    size and modification time (reading a multi-GB file on every load would cost seconds each time)."""
     stat = file.stat()
-    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
+    memo = root / "digests" / hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    with contextlib.suppress(OSError):
+        known = memo.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{64}", known):
+            return known
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    with contextlib.suppress(OSError):  # not remembered: read again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
+        tmp.write_text(digest.hexdigest())
+        os.replace(tmp, memo)
+    return digest.hexdigest()
 
 
 def dequantized_folder(file: Path) -> Path | None:
@@ -74,8 +80,14 @@ def dequantized_folder(file: Path) -> Path | None:
         return None
     import transformers
 
-    key = hashlib.sha256(f"{_file_digest(file)}|{transformers.__version__}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_file_digest(file, root)}|{transformers.__version__}".encode()).hexdigest()[:16]
     return root / "gguf" / f"{file.stem}-{key}"
+
+
+def _complete(folder: Path) -> bool:
+    """A copy holds readable weights, config and tokenizer (else it is written again)."""
+    needed = [folder / "config.json", folder / "tokenizer_config.json", *folder.glob("*.safetensors")]
+    return len(needed) > 2 and all(f.is_file() and os.access(f, os.R_OK) for f in needed)
 
 
 def _cached_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
@@ -84,35 +96,44 @@ def _cached_gguf(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
     if not gguf_file:
         return path, gguf_file
     folder = dequantized_folder(path / gguf_file) if (path / gguf_file).is_file() else None
-    if folder is not None and (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+    if folder is not None and _complete(folder):
         return folder, None
     return path, gguf_file
 
 
 def _write_dequantized(model: LM, file: Path, trust_remote_code: bool) -> None:
     """Save the model just dequantized from `file` (float32, exact) and its tokenizer to the cache, written
-    to a temporary folder and renamed, so a killed or concurrent write never leaves a partial copy."""
+    to a temporary folder and renamed, so a killed or concurrent write never leaves a partial copy. Only
+    the first process of a machine writes (DeepSpeed's other ranks load the same file at the same time)."""
     folder = dequantized_folder(file)
-    if folder is None:
+    if folder is None or os.environ.get("LOCAL_RANK", "0") != "0" or _complete(folder):
         return
+    import tempfile
+
     from transformers import AutoTokenizer
 
-    shutil.rmtree(folder, ignore_errors=True)  # an incomplete copy (its weights deleted by hand)
-
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    tmp = None
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
+        if folder.exists():  # incomplete (its weights deleted by hand, say): moved aside, then removed
+            aside = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+            folder.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True,
                                       trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the copy from others sharing the cache
         tmp.rename(folder)
         log.info("dequantized %s cached in %s (KDISTILL_CACHE=off turns this off)", file.name, folder)
-    except OSError as exc:  # a full or read-only disk costs the next run its time, nothing else
-        if not folder.exists():
+    except Exception as exc:  # a copy that cannot be written costs the next run its time, nothing else
+        if not _complete(folder):
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).splitlines() or [type(exc).__name__])[0]
             log.warning("could not cache the dequantized %s in %s (%s); it is dequantized again next time",
-                        file.name, folder.parent, exc.strerror or exc)
+                        file.name, folder.parent, why)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _refuse_custom_code(path: Path, field: str, trust_remote_code: bool) -> None:
@@ -217,6 +238,10 @@ def load_causal_lm(model: str, field: str, *, gguf_file: str | None = None, dtyp
         if hasattr(loaded.config, "quantization_config"):
             del loaded.config.quantization_config
         _write_dequantized(loaded, target, trust_remote_code)
+        if quantization != "none" and _cached_gguf(path, gguf_file)[1] is None:  # quantized from the copy, as later loads are
+            del loaded
+            return load_causal_lm(str(path), field, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  quantization=quantization, double_quant=double_quant)
         loaded = loaded.to(DTYPES[dtype])
         if quantization != "none":
             loaded = _requantize(loaded, field, quantization, double_quant, dtype)
