@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.core.checkpoint import file_digest
 from kdistill.core.errors import ConfigError
 from kdistill.core.paths import resolve_path
 
@@ -58,16 +59,13 @@ def _file_digest(file: Path, root: Path) -> str:
         known = memo.read_text().strip()
         if re.fullmatch(r"[0-9a-f]{64}", known):
             return known
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
+    digest = file_digest(file)
     with contextlib.suppress(OSError):  # not remembered: read again next time
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
-        tmp.write_text(digest.hexdigest())
+        tmp.write_text(digest)
         os.replace(tmp, memo)
-    return digest.hexdigest()
+    return digest
 
 
 def dequantized_folder(file: Path) -> Path | None:
