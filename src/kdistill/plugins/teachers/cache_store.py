@@ -110,13 +110,29 @@ def vocab_digest(tokenizer) -> str:
 
 
 def top_k_targets(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top-k log-probabilities sorted high to low, their ids, log tail mass) of softmax(logits / T)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    top, ids = logp.topk(k, dim=-1)
+    """(top-k log-probabilities sorted high to low, their ids, log tail mass) of softmax(logits / T).
+
+    The top k of the logits are those of the log-probabilities, so only the normalizer needs the whole
+    vocabulary, and no full-vocabulary log-probability tensor is made (the writer's cost beside the forward)."""
+    top, ids = logits.topk(k, dim=-1)
+    top = top.float() / temperature - log_normalizer(logits, temperature).unsqueeze(-1)
     covered = torch.logsumexp(top.double(), dim=-1)
     # log(1 - exp(covered)); -inf when the top k hold everything
     tail = torch.where(covered < 0, torch.log(-torch.expm1(covered.clamp(max=-1e-300))), torch.full_like(covered, -math.inf))
     return top, ids, tail.float()
+
+
+def log_normalizer(logits: torch.Tensor, temperature: float, chunk_elements: int = 1 << 21) -> torch.Tensor:
+    """logsumexp(logits / T) over the last dimension in float32, a few rows at a time: the temporaries stay a
+    few MB (in cache, their memory reused) instead of full-vocabulary tensors allocated for every batch."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    rows = max(1, chunk_elements // max(1, flat.shape[1]))
+    for start in range(0, flat.shape[0], rows):
+        scaled = flat[start:start + rows].float() / temperature
+        peak = scaled.amax(dim=-1, keepdim=True)
+        out[start:start + rows] = scaled.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+    return out.reshape(logits.shape[:-1])
 
 
 def quantize(top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
