@@ -2,11 +2,12 @@
 against sampled targets, several k, two temperatures, the same steps; in-domain and on another domain.
 
     python benchmarks/cache_quality.py [--out DIR] [--steps 100] [--k 8,16,32,64] [--temperatures 1,2]
-                                       [--modes top-k,sampled] [--ce-steps N] [--jobs 1] [--reuse]
+                                       [--modes top-k,sampled] [--ce-steps N] [--jobs 1] [--reuse] [--seed 0]
 
 Every run is the quickstart pair (SmolLM2-135M-Instruct teacher, the 6-layer student cut from it), forward
 KL at T plus cross-entropy (0.5 each), `--steps` steps of 4 x 128 tokens over the first 4 x steps blocks
-of tiny-shakespeare, seed 0: with the live teacher at each T, and from a cache of each mode, k and T written
+of tiny-shakespeare, seed 0 (`--seed`: the training seed, which also seeds a sampled cache's draws and orders the
+data; its runs are named `...-s<seed>`): with the live teacher at each T, and from a cache of each mode, k and T written
 by `kdistill cache-teacher` over exactly those blocks. For each: validation perplexity on tiny-shakespeare's
 held-out blocks (in-domain) and on TriviaQA questions as plain text (another domain), the ratio of each to
 the live-trained student's at the same T, KL(live-trained || this student) per in-domain validation
@@ -49,7 +50,8 @@ def kdistill(args: list[str], threads: int) -> None:
         raise SystemExit(f"kdistill {' '.join(args[:2])} failed:\n{process.stderr[-3000:]}")
 
 
-def run_one(name: str, mode: str | None, k: int, temperature: float, out: Path, steps: int, threads: int, reuse: bool) -> dict:
+def run_one(name: str, mode: str | None, k: int, temperature: float, out: Path, steps: int, threads: int, reuse: bool,
+            seed: int = 0) -> dict:
     """Writes the cache (unless live), trains, and returns what the table needs."""
     folder = out / name
     if reuse and (folder / "bench.json").exists():
@@ -58,6 +60,7 @@ def run_one(name: str, mode: str | None, k: int, temperature: float, out: Path, 
     folder.mkdir(parents=True)
     sets = [f"train.steps={steps}", f"train.eval_every={steps}", "train.save_every=0", "tracker={name: jsonl}",
             f"data.options.max_train_blocks={4 * steps}", losses(temperature), f"output_dir={folder / 'run'}",
+            f"train.seed={seed}",
             *([f"train.num_threads={threads}"] if threads else [])]
     began = time.perf_counter()
     manifest = None
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--ce-steps", type=int, default=0, help="also train with cross-entropy alone for this many steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each on one thread when more than one)")
     parser.add_argument("--reuse", action="store_true", help="take a run's figures from an earlier run in --out")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed (also the sampled caches' draws)")
     args = parser.parse_args()
     temperatures = [float(t) for t in args.temperatures.split(",")]
     runs = [(f"live-T{t:g}", None, 0, t) for t in temperatures]
@@ -106,10 +110,12 @@ def main() -> None:
         runs = [run for run in runs if run[0] in wanted or run[0].startswith("live-")]
     if args.ce_steps:
         runs.append((f"ce-{args.ce_steps}", "ce", 0, temperatures[0]))
+    suffix = f"-s{args.seed}" if args.seed else ""
+    runs = [(name + suffix, *rest) for name, *rest in runs]
     threads = 1 if args.jobs > 1 else 0
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, *run, args.out, args.ce_steps if run[1] == "ce" else args.steps, threads, args.reuse)
-                   for run in runs]
+        futures = [pool.submit(run_one, *run, args.out, args.ce_steps if run[1] == "ce" else args.steps, threads, args.reuse,
+                               args.seed) for run in runs]
         results = []
         for future, run in zip(futures, runs):
             results.append(future.result())
@@ -130,14 +136,14 @@ def main() -> None:
     val = list(data.val_batches(4))
     models = {r["name"]: AutoModelForCausalLM.from_pretrained(r["final"], local_files_only=True).eval() for r in results}
     other = {name: perplexity(model, blocks) for name, model in models.items()}
-    print(f"\n{args.steps} steps of 4 x 128 tokens per run (quickstart pair, forward KL at T + cross-entropy); in-domain: "
+    print(f"\n{args.steps} steps of 4 x 128 tokens per run (quickstart pair, forward KL at T + cross-entropy, seed {args.seed}); in-domain: "
           f"tiny-shakespeare validation ({len(val)} batches); other domain: {len(blocks)} blocks of 128 tokens of TriviaQA "
           f"questions; teacher perplexity {results[0]['teacher_ppl']:.1f} in-domain\n")
     print("| teacher targets | T | bytes per token | in-domain ppl | x live | other-domain ppl | x live | "
           "KL(live-trained || this) per position |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        live = f"live-T{r['temperature']:g}"
+        live = f"live-T{r['temperature']:g}{suffix}"
         base = next(x for x in results if x["name"] == live)
         kl = 0.0 if r["name"] == live else mean_kl(models[live], models[r["name"]], val)
         label = {"live": "live teacher", "ce": f"cross-entropy alone, {args.ce_steps} steps (no teacher)"}.get(
