@@ -22,7 +22,7 @@ from kdistill.cli import app
 from kdistill.core.config import resolve
 from kdistill.core.errors import ConfigError, KdistillError
 from kdistill.core.registry import Registry
-from kdistill.plugins.teachers.cache_store import TeacherCache, dequantize, log_normalizer, quantize, shard_name, top_k_targets
+from kdistill.plugins.teachers.cache_store import TeacherCache, dequantize, file_record, log_normalizer, quantize, shard_name, top_k_targets
 from kdistill.plugins.teachers.cached import cache_from_plan, source_identity
 from kdistill.plugins.teachers.hf import HFTeacher
 
@@ -137,8 +137,9 @@ def test_the_cache_reads_back_the_teachers_top_k(tiny_assets, tmp_path):
 
 def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_assets, tmp_path):
     """Each position: k distinct ids whose counts sum to k; over all positions the drawn frequencies follow the
-    teacher's probabilities at T (the most likely token's share against its mean probability); 3 bytes a
-    draw. A loss that is not unbiased on draws is refused, word for word; so is k above 255."""
+    teacher's probabilities at T (the most likely token's share against its mean probability); the teacher's
+    entropy at T per position (float64 reference, float16 storage); 3 bytes a draw and 2 a position. A loss
+    that is not unbiased on draws is refused, word for word; so is k above 255."""
     raw = cached_recipe(tiny_assets, tmp_path, k=8, temperature=2.0, mode="sampled")
     manifest = cache_from_plan(plan_of(raw), progress=False)
     assert manifest["mode"] == "sampled" and manifest["seed"] == 0
@@ -160,7 +161,9 @@ def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_asset
     n = share.numel()
     expected = probs.gather(-1, best).mean()
     assert abs(share.mean() - expected) < 5 * math.sqrt(0.25 / (8 * n))
-    payload = manifest["tokens"] * 8 * 3 + 20 * 8
+    reference = -(probs.double() * probs.double().log()).sum(-1)
+    assert got.entropy.dtype == torch.float32 and (got.entropy.double() - reference).abs().max() < 4e-3  # float16
+    payload = manifest["tokens"] * (8 * 3 + 2) + 20 * 8
     assert payload < manifest["shard_bytes"] < payload + 3 * 1024
 
     reverse = json.loads(json.dumps(raw))
@@ -183,6 +186,32 @@ def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_asset
     assert code == 2 and len(err_text.strip().splitlines()) == 1
     assert "k: at most 255 draws in mode sampled (counts are stored in a byte), got 256" in err_text
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sampled_cache_of_the_first_encoding_is_still_read_and_not_resumed_into(tiny_assets, tmp_path):
+    """A sampled cache written before the entropy was stored (encoding kdistill-sampled/1: no `entropy` tensor,
+    no `encoding` in the manifest) reads as before, the same draws and no entropy; writing over it is refused,
+    naming the encoding, unless --overwrite."""
+    raw = cached_recipe(tiny_assets, tmp_path, k=4, temperature=2.0, mode="sampled")
+    manifest = cache_from_plan(plan_of(raw), progress=False)
+    assert manifest["encoding"] == "kdistill-sampled/2"
+    folder = tmp_path / "cache"
+    keys = torch.tensor(sorted(TeacherCache(folder)))
+    now = TeacherCache(folder).lookup(keys)
+    for name in list(manifest["shards"]):
+        tensors = load_file(str(folder / name))
+        del tensors["entropy"]
+        save_file(tensors, str(folder / name))
+        manifest["shards"][name] = file_record(folder / name)
+    del manifest["encoding"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    old = TeacherCache(folder).lookup(keys)
+    assert old.entropy is None and now.entropy is not None
+    assert torch.equal(old.ids, now.ids) and torch.equal(old.logprobs, now.logprobs)
+    with pytest.raises(ConfigError) as err:
+        cache_from_plan(plan_of(raw), progress=False)
+    assert str(err.value) == (f"teacher.options.path: {folder} holds a cache of something else: encoding (cache "
+                              "'kdistill-sampled/1', now 'kdistill-sampled/2'); pass --overwrite to replace it")
 
 
 def test_a_mismatched_cache_is_refused_naming_the_field(tiny_assets, tmp_path):

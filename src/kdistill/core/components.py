@@ -115,7 +115,9 @@ class SparseTargets:
     the teacher gives it (a served teacher does): the log-probability at temperature 1 of each position's
     actual next token, top k or not (what the sampled-token loss needs). `kind`: "top-k" (the k most likely
     tokens and a tail bin), or "sampled" (k draws from the teacher's distribution as frequencies over
-    distinct ids, no tail: unbiased for forward KL only; LogitLoss.supports_sampled).
+    distinct ids, no tail: unbiased for forward KL only; LogitLoss.supports_sampled). `entropy` [...], where
+    given (a sampled cache stores it): the teacher's entropy at `temperature` per position, so that forward KL's
+    value estimates the full KL without bias instead of the KL to the draws.
     """
 
     ids: torch.Tensor
@@ -124,20 +126,26 @@ class SparseTargets:
     temperature: float
     label_logprobs: torch.Tensor | None = None
     kind: str = "top-k"
+    entropy: torch.Tensor | None = None
+
+    def _map(self, f) -> "SparseTargets":
+        """The same targets with `f` applied to every per-position tensor."""
+        optional = {name: None if value is None else f(value)
+                    for name, value in (("label_logprobs", self.label_logprobs), ("entropy", self.entropy))}
+        return SparseTargets(f(self.ids), f(self.logprobs), f(self.log_tail), self.temperature, kind=self.kind, **optional)
 
     def rows(self, mask: torch.Tensor) -> "SparseTargets":
-        label = self.label_logprobs[mask] if self.label_logprobs is not None else None
-        return SparseTargets(self.ids[mask], self.logprobs[mask], self.log_tail[mask], self.temperature, label, self.kind)
+        return self._map(lambda t: t[mask])
 
     def slice(self, start: int, stop: int) -> "SparseTargets":
-        label = self.label_logprobs[start:stop] if self.label_logprobs is not None else None
-        return SparseTargets(self.ids[start:stop], self.logprobs[start:stop], self.log_tail[start:stop], self.temperature,
-                             label, self.kind)
+        return self._map(lambda t: t[start:stop])
 
     def to(self, device: torch.device) -> "SparseTargets":
-        label = self.label_logprobs.to(device) if self.label_logprobs is not None else None
-        return SparseTargets(self.ids.to(device), self.logprobs.to(device), self.log_tail.to(device), self.temperature,
-                             label, self.kind)
+        return self._map(lambda t: t.to(device))
+
+    def slice_positions(self, length: int) -> "SparseTargets":
+        """The first `length` positions of targets [batch, positions, ...]."""
+        return self._map(lambda t: t[:, :length])
 
 
 @dataclass

@@ -20,6 +20,11 @@ class ForwardKL(Divergence):
     def divergence(self, log_ps, log_pt):
         return kl_rows(log_pt, log_ps)
 
+    def rows(self, student, teacher, labels):
+        values = super().rows(student, teacher, labels)
+        offset = draws_offset(teacher) if isinstance(teacher, SparseTargets) else None
+        return values if offset is None else values + offset.to(values.dtype) * (self.temperature ** 2)
+
     def rows_and_grad(self, student, teacher, labels):
         if isinstance(teacher, SparseTargets):
             return sparse_rows_and_grad(student, teacher, self.temperature)
@@ -74,7 +79,25 @@ def sparse_rows_and_grad(student: torch.Tensor, targets: SparseTargets, temp: fl
     ratio = pt_tail / ps_tail.clamp(min=torch.finfo(s.dtype).tiny)
     grad.mul_((1.0 - ratio).mul_(temp).unsqueeze(-1))
     grad.scatter_(-1, ids, log_ps.exp().sub_(pt).mul_(temp))
+    offset = draws_offset(targets)
+    if offset is not None:
+        values += offset.to(values.dtype)
     return values.mul_(temp * temp), grad
+
+
+def draws_offset(targets: SparseTargets) -> torch.Tensor | None:
+    """H(draws) - H(teacher) per position, for sampled targets that carry the teacher's entropy (else None).
+
+    Added to the KL to the draws, sum p^ log p^ - sum p^ log p_s, it gives -H(teacher) - sum p^ log p_s: an
+    unbiased estimate of the full KL (the cross-entropy term is unbiased, the entropy exact), where the KL to
+    the draws is larger by about H(teacher) - H(draws), which grows with the temperature and shrinks with k.
+    No student term: the gradient is unchanged."""
+    if targets.kind != "sampled" or targets.entropy is None:
+        return None
+    log_p = upcast(targets.logprobs)
+    p = log_p.exp()
+    own = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    return own - targets.entropy.float()
 
 
 def _tempered(x, shift, log_total, temp, out):

@@ -23,11 +23,15 @@ from softmax(logits / T) (random-sampling KD, Anshumann et al., ACL 2025):
 
     ids       [n, S, k]    the distinct tokens drawn, then the most likely tokens not drawn (k distinct ids)
     counts    [n, S, k]    uint8    how often each was drawn (0 for the fillers); they sum to k
+    entropy   [n, S]       float16  the entropy of softmax(logits / T)
 
 The targets are counts / k: an unbiased estimate of the teacher's distribution, so the expected gradient of
-forward KL (the cross-entropy to the teacher) is the full one, at any k; no tail bin. 3 bytes per draw: 96 at
-k = 32. The draws are seeded per shard, so a resumed write gives the same files. This per-position
-encoding (ENCODING; `encode_top_k`, `decode_top_k`) is also how `kdistill generate` stores the teacher's
+forward KL (the cross-entropy to the teacher) is the full one, at any k; no tail bin. With the entropy, forward
+KL's value is an unbiased estimate of the full KL too (not the KL to the draws). 3 bytes per draw and 2 a
+position: 98 at k = 32 (a cache of the first sampled encoding, without the entropy, is still read). The
+draws are seeded per shard, so a resumed write gives the same files.
+
+The top-k per-position encoding (ENCODING; `encode_top_k`, `decode_top_k`) is also how `kdistill generate` stores the teacher's
 top-k for the tokens it wrote (generator option `top_k`). The error
 of a stored log-probability is at most half a quantization step plus float16 rounding of hi and lo;
 the writer measures the largest error it made and records it in the manifest. The reader
@@ -68,12 +72,15 @@ MANIFEST = "manifest.json"
 INDEX = "index.safetensors"
 LEVELS = 255
 ENCODING = "kdistill-top-k/1"  # per position: ids, q (uint8), hi, lo, log_tail (float16), as below
-SAMPLED_ENCODING = "kdistill-sampled/1"  # per position: ids, counts (uint8) of k draws, as above
+SAMPLED_ENCODING = "kdistill-sampled/2"  # per position: ids, counts (uint8) of k draws, entropy (float16), as above
+FIRST_SAMPLED_ENCODING = "kdistill-sampled/1"  # without the entropy: still read
 MAX_DRAWS = 255  # counts are stored in one byte
-FIELDS = {"top-k": ("ids", "q", "hi", "lo", "log_tail"), "sampled": ("ids", "counts")}
+FIELDS = {ENCODING: ("ids", "q", "hi", "lo", "log_tail"), SAMPLED_ENCODING: ("ids", "counts", "entropy"),
+          FIRST_SAMPLED_ENCODING: ("ids", "counts")}
+ENCODINGS = {"top-k": ENCODING, "sampled": SAMPLED_ENCODING}  # what the writer stores in each mode
 
 # manifest fields that must match between a cache and the run that uses it (or resumes writing it)
-IDENTITY_FIELDS = ("format", "teacher", "tokenizer", "data_fingerprint", "mode", "k", "temperature", "seed",
+IDENTITY_FIELDS = ("format", "teacher", "tokenizer", "data_fingerprint", "mode", "encoding", "k", "temperature", "seed",
                    "shard_sequences", "n_sequences", "seq_len", "vocab_size", "ids_dtype")
 # what a manifest written before a field existed means by its absence
 IDENTITY_DEFAULTS: dict[str, Any] = {"mode": "top-k", "seed": None}
@@ -81,6 +88,8 @@ IDENTITY_DEFAULTS: dict[str, Any] = {"mode": "top-k", "seed": None}
 
 def identity(manifest: dict[str, Any], name: str) -> Any:
     """A manifest's identity field, with the meaning of its absence in older caches."""
+    if name == "encoding" and name not in manifest:  # written before the sampled encoding stored the entropy
+        return {"top-k": ENCODING, "sampled": FIRST_SAMPLED_ENCODING}.get(identity(manifest, "mode"))
     return manifest.get(name, IDENTITY_DEFAULTS.get(name))
 
 
@@ -174,16 +183,34 @@ def decode_top_k(ids: torch.Tensor, q: torch.Tensor, hi: torch.Tensor, lo: torch
                          temperature=temperature)
 
 
-def sampled_targets(logits: torch.Tensor, k: int, temperature: float,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tempered_probabilities(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(logits / T), its entropy per row) of rows [n, V] in float32, from one exponentiation."""
+    shifted = logits.float() / temperature
+    shifted = shifted.sub_(shifted.amax(dim=-1, keepdim=True)).clamp_(min=torch.finfo(torch.float32).min)  # -inf: 0 mass
+    probs = shifted.exp()
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    # -sum p log p with log p = shifted - log total
+    entropy = total.squeeze(-1).log_().sub_((probs.unsqueeze(-2) @ shifted.unsqueeze(-1)).reshape(-1))
+    return probs, entropy
+
+
+def sampled_targets(logits: torch.Tensor, k: int, temperature: float, generator: torch.Generator | None = None,
+                    chunk_elements: int = 1 << 21) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, counts) [..., k] of k draws with replacement from softmax(logits / T): the distinct tokens drawn in
     id order with how often each was drawn, then, in the slots left, the most likely tokens not drawn (count 0),
-    so that every position has k distinct ids."""
+    so that every position has k distinct ids; and the distribution's entropy [...]. A few rows at a time, so no
+    full-vocabulary temporary is made."""
     shape, vocab = logits.shape[:-1], logits.shape[-1]
-    probs = torch.softmax(logits.float().reshape(-1, vocab) / temperature, dim=-1)
-    rows = probs.shape[0]
-    draws = torch.multinomial(probs, k, replacement=True, generator=generator).sort(dim=-1).values if rows else \
-        torch.zeros(0, k, dtype=torch.long, device=logits.device)
+    flat = logits.reshape(-1, vocab)
+    rows = flat.shape[0]
+    draws = torch.zeros(rows, k, dtype=torch.long, device=logits.device)
+    entropy = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+    step = max(1, chunk_elements // max(1, vocab))
+    for start in range(0, rows, step):
+        probs, entropy[start:start + step] = tempered_probabilities(flat[start:start + step], temperature)
+        draws[start:start + step] = torch.multinomial(probs, k, replacement=True, generator=generator)
+    draws = draws.sort(dim=-1).values
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
     slot = first.long().cumsum(-1) - 1  # each draw's distinct token's slot
@@ -191,28 +218,30 @@ def sampled_targets(logits: torch.Tensor, k: int, temperature: float,
     counts = torch.zeros(rows, k + 1, dtype=torch.long, device=logits.device)
     ids.scatter_(1, slot, draws)
     counts.scatter_add_(1, slot, torch.ones_like(draws))
-    distinct = slot[:, -1:] + 1 if rows else torch.zeros(0, 1, dtype=torch.long, device=logits.device)
-    top = probs.topk(k, dim=-1).indices  # at most `distinct` of them were drawn, so enough fillers remain
+    distinct = slot[:, -1:] + 1
+    top = flat.topk(k, dim=-1).indices  # at most `distinct` of them were drawn, so enough fillers remain
     fresh = ~(top.unsqueeze(-1) == draws.unsqueeze(-2)).any(-1)
     place = distinct + fresh.long().cumsum(-1) - 1
     place = torch.where(fresh & (place < k), place, torch.full_like(place, k))
     ids.scatter_(1, place, top)
-    return ids[:, :k].reshape(*shape, k), counts[:, :k].reshape(*shape, k).to(torch.uint8)
+    return ids[:, :k].reshape(*shape, k), counts[:, :k].reshape(*shape, k).to(torch.uint8), entropy.reshape(shape)
 
 
 def encode_sampled(logits: torch.Tensor, k: int, temperature: float, vocab_size: int,
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The stored form (SAMPLED_ENCODING) of k draws from softmax(logits / T) at every position."""
-    ids, counts = sampled_targets(logits, k, temperature, generator)
-    return {"ids": ids.to(ids_dtype(vocab_size)), "counts": counts}
+    ids, counts, entropy = sampled_targets(logits, k, temperature, generator)
+    return {"ids": ids.to(ids_dtype(vocab_size)), "counts": counts, "entropy": entropy.half()}
 
 
-def decode_sampled(ids: torch.Tensor, counts: torch.Tensor, temperature: float) -> SparseTargets:
-    """Targets from their stored form: counts / k as log-probabilities (-inf for the fillers), no tail."""
+def decode_sampled(ids: torch.Tensor, counts: torch.Tensor, temperature: float,
+                   entropy: torch.Tensor | None = None) -> SparseTargets:
+    """Targets from their stored form: counts / k as log-probabilities (-inf for the fillers), no tail; the
+    teacher's entropy where stored."""
     counts = counts.float()
     logprobs = (counts / counts.sum(-1, keepdim=True).clamp(min=1)).log()
     return SparseTargets(ids=ids.long(), logprobs=logprobs, log_tail=torch.full(counts.shape[:-1], -math.inf),
-                         temperature=temperature, kind="sampled")
+                         temperature=temperature, kind="sampled", entropy=None if entropy is None else entropy.float())
 
 
 def check_top_k_losses(losses, temperature: float, *, teacher: str, targets: str, at: str, field: str,
@@ -391,7 +420,8 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
         raise ConfigError(f"teacher.options.k: at most {MAX_DRAWS} draws in mode sampled, got {k}")
     seq_len = data.batch_for_keys(keys[:1]).input_ids.shape[1]
     manifest = {"format": FORMAT, "teacher": teacher_identity, "tokenizer": vocab_digest(tokenizer),
-                "data_fingerprint": data.fingerprint(), "mode": mode, "k": k, "temperature": temperature,
+                "data_fingerprint": data.fingerprint(), "mode": mode, "encoding": ENCODINGS[mode], "k": k,
+                "temperature": temperature,
                 "seed": seed if mode == "sampled" else None,
                 "shard_sequences": shard_sequences, "n_sequences": len(keys), "seq_len": seq_len, "vocab_size": vocab,
                 "ids_dtype": str(ids_dtype(vocab)).replace("torch.", ""), "complete": False}
@@ -431,7 +461,7 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
             continue
         target.unlink(missing_ok=True)  # missing, changed since it was written, or written but never recorded
         shard_keys = keys[index * shard_sequences:(index + 1) * shard_sequences]
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS[mode]}
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS[ENCODINGS[mode]]}
         worst = 0.0
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + index) if mode == "sampled" else None
         for start in range(0, len(shard_keys), batch_size):
@@ -557,7 +587,7 @@ class TeacherCache:
             n_shards = math.ceil(self.manifest["n_sequences"] / self.manifest["shard_sequences"])
             self.temperature = float(self.manifest["temperature"])
             self.mode = identity(self.manifest, "mode")
-            self._fields = FIELDS[self.mode]
+            self._fields = FIELDS[identity(self.manifest, "encoding")]
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise damaged(path, f"not a complete manifest ({_first_line(exc)})") from None
         records = self.manifest.get("shards") or {}
@@ -635,7 +665,7 @@ class TeacherCache:
                 parts[name].append(handle.get_slice(name)[row:row + 1])
         t = {name: torch.cat(values) for name, values in parts.items()}
         if self.mode == "sampled":
-            return decode_sampled(t["ids"], t["counts"], self.temperature)
+            return decode_sampled(t["ids"], t["counts"], self.temperature, t.get("entropy"))
         return decode_top_k(t["ids"], t["q"], t["hi"], t["lo"], t["log_tail"], self.temperature)
 
     def __iter__(self) -> Iterator[int]:

@@ -137,10 +137,8 @@ class CachedTeacher(kdistill.TeacherProvider):
     def _read(self, batch: kdistill.Batch) -> kdistill.SparseTargets:
         """The batch's targets from the cache, cut to its length (rows padded to their batch's longest are a
         prefix of the cached length)."""
-        sparse = self.cache.lookup(batch.keys)
         length = batch.input_ids.shape[1]
-        return kdistill.SparseTargets(sparse.ids[:, :length], sparse.logprobs[:, :length], sparse.log_tail[:, :length],
-                                      sparse.temperature, kind=sparse.kind)
+        return self.cache.lookup(batch.keys).slice_positions(length)
 
 
 def _key(batch: kdistill.Batch) -> tuple:
