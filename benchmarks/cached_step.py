@@ -3,7 +3,8 @@ the cache costs against the teacher's bare forward; side by side in one process,
 
     python benchmarks/cached_step.py [--workdir DIR] [--steps 3] [--rounds 3] [--write-batches 4] [--write-only]
 
-1. Writes the caches the steps read (4 x steps x rounds blocks) when missing (`quickstart-cached`: SmolLM2-135M-Instruct teacher,
+1. Writes the caches the steps read (4 x steps x rounds blocks, or 4 x write-batches if more) when missing
+   (`quickstart-cached`: SmolLM2-135M-Instruct teacher,
    vocabulary 49,152, the 6-layer student cut from it, 4 x 128 tokens): top-k (k = 64) and sampled (k = 32
    draws), both at T = 2.
 2. Steps, each engine `--steps` per round in turn: cross-entropy alone (the same student forward and
