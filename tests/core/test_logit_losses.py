@@ -317,10 +317,10 @@ def test_forward_kl_on_sparse_targets_fused_against_a_float64_reference(kind, te
     if kind == "top-k":
         targets = sparse_targets(teacher, k, temp)
     else:
-        from kdistill.plugins.teachers.cache_store import decode_sampled, sampled_targets
+        from kdistill.plugins.teachers.cache_store import decode_sampled, sampled_draws
 
-        ids, counts, _ = sampled_targets(teacher, k, temp, g)
-        sampled = decode_sampled(ids, counts, temp)  # without the entropy: the KL to the draws
+        draws, _ = sampled_draws(teacher, k, temp, g)
+        sampled = decode_sampled(draws, temp, v)  # without the entropy: the KL to the draws
         targets = kdistill.SparseTargets(sampled.ids, sampled.logprobs.double(), sampled.log_tail.double(), temp,
                                          kind="sampled")
         assert all(len(set(r)) == k for r in targets.ids.tolist())
@@ -353,7 +353,7 @@ def test_sampled_targets_give_the_full_forward_kl_gradient_in_expectation():
     """Random-sampling KD: averaged over draws, forward KL's gradient on sampled targets (counts / k) is the
     one on the full distribution, within 5 standard errors per logit; the top-k targets' gradient (same k) is
     biased far beyond that, so the check tells the two apart."""
-    from kdistill.plugins.teachers.cache_store import decode_sampled, sampled_targets
+    from kdistill.plugins.teachers.cache_store import decode_sampled, sampled_draws
 
     g = torch.Generator().manual_seed(12)
     temp, k, v, draws = 2.0, 4, 40, 3000
@@ -361,8 +361,7 @@ def test_sampled_targets_give_the_full_forward_kl_gradient_in_expectation():
     teacher = torch.randn(1, v, generator=g, dtype=torch.float64) * 3
     loss = make(ForwardKL, {"temperature": temp})
     _, full = loss.rows_and_grad(student.clone(), teacher.clone(), None)
-    ids, counts, _ = sampled_targets(teacher.expand(draws, v), k, temp, g)
-    sampled = decode_sampled(ids, counts, temp)
+    sampled = decode_sampled(sampled_draws(teacher.expand(draws, v), k, temp, g)[0], temp, v)
     targets = kdistill.SparseTargets(sampled.ids, sampled.logprobs.double(), sampled.log_tail.double(), temp, kind="sampled")
     _, grads = loss.rows_and_grad(student.expand(draws, v).clone(), targets, None)
     error = grads.mean(0) - full[0]
@@ -378,7 +377,7 @@ def test_forward_kl_value_on_sampled_targets_with_the_teachers_entropy_estimates
     T^2 (-H(teacher) - sum p^ log p_s), against a float64 reference, the same on the fused path from hidden
     states and on the plain one; averaged over draws it is the full KL within 5 standard errors, where the KL
     to the draws (no entropy) is above it by far more. The gradient is the one without the entropy."""
-    from kdistill.plugins.teachers.cache_store import decode_sampled, sampled_targets
+    from kdistill.plugins.teachers.cache_store import counted, decode_sampled, sampled_draws
 
     monkeypatch.setattr(common, "VOCAB_BLOCK_ELEMENTS", 4)
     g = torch.Generator().manual_seed(14)
@@ -387,8 +386,9 @@ def test_forward_kl_value_on_sampled_targets_with_the_teachers_entropy_estimates
     teacher = torch.randn(1, v, generator=g, dtype=torch.float64) * 3
     loss = make(ForwardKL, {"temperature": temp})
     full, _ = loss.rows_and_grad(student.clone(), teacher.clone(), None)
-    ids, counts, entropy = sampled_targets(teacher.expand(draws, v), k, temp, g)
-    with_h, without = (decode_sampled(ids, counts, temp, h) for h in (entropy, None))
+    drawn, entropy = sampled_draws(teacher.expand(draws, v), k, temp, g)
+    ids, counts = counted(drawn, v)
+    with_h, without = (decode_sampled(drawn, temp, v, h) for h in (entropy, None))
     values, grad = loss.rows_and_grad(student.expand(draws, v).clone(), with_h, None)
     plain_values, plain_grad = loss.rows_and_grad(student.expand(draws, v).clone(), without, None)
     assert torch.equal(grad, plain_grad)
@@ -420,20 +420,30 @@ def test_forward_kl_value_on_sampled_targets_with_the_teachers_entropy_estimates
     assert total.item() == pytest.approx(plain.item(), rel=1e-9)
 
 
-def test_sampled_targets_draw_k_tokens_and_fill_with_the_likeliest_not_drawn():
-    from kdistill.plugins.teachers.cache_store import sampled_targets
+def test_systematic_draws_take_every_token_floor_or_ceil_of_k_p_times_and_fill_with_ids_not_drawn():
+    """k systematic draws: in id order, each token drawn floor(k p) or ceil(k p) times (p at T, float64
+    reference; a token of no mass never), the entropy of softmax(logits / T); chunks of a few rows give the same
+    draws as one chunk. `counted` turns them into k distinct ids: the drawn ones with their counts, then the
+    smallest ids not drawn with count 0."""
+    from kdistill.plugins.teachers.cache_store import counted, sampled_draws
 
+    logits = torch.tensor([[10.0, 9.0, 0.0, -1.0, -50.0, 8.0, -math.inf]])
+    for temp in (1.0, 2.0):
+        p = [math.exp(x / temp) for x in logits[0].tolist()]
+        p = [x / sum(p) for x in p]
+        for seed in range(20):
+            draws, entropy = sampled_draws(logits, 4, temp, torch.Generator().manual_seed(seed))
+            assert draws.tolist()[0] == sorted(draws.tolist()[0])
+            for token in range(7):
+                assert math.floor(4 * p[token]) <= draws[0].tolist().count(token) <= math.ceil(4 * p[token])
+            assert entropy.item() == pytest.approx(-sum(x * math.log(x) for x in p if x > 0), abs=1e-6)
     g = torch.Generator().manual_seed(13)
-    logits = torch.tensor([[10.0, 9.0, 0.0, -1.0, -50.0, 8.0]])  # almost all mass on 0, 1 and 5
-    ids, counts, entropy = sampled_targets(logits, 4, 1.0, g)
-    assert counts.dtype == torch.uint8 and int(counts.sum()) == 4
-    p = [math.exp(x) for x in logits[0].tolist()]
-    p = [x / sum(p) for x in p]
-    assert entropy.item() == pytest.approx(-sum(x * math.log(x) for x in p if x > 0), abs=1e-6)
-    drawn = [i for i, c in zip(ids[0].tolist(), counts[0].tolist()) if c > 0]
-    fillers = [i for i, c in zip(ids[0].tolist(), counts[0].tolist()) if c == 0]
-    assert drawn == sorted(drawn) and set(drawn) <= {0, 1, 5}
-    assert len(set(ids[0].tolist())) == 4 and fillers == [i for i in [0, 1, 5, 2, 3] if i not in drawn][:len(fillers)]
+    many = torch.randn(50, 300, generator=g) * 3
+    whole, h_whole = sampled_draws(many, 16, 2.0, torch.Generator().manual_seed(1))
+    chunked, h_chunked = sampled_draws(many, 16, 2.0, torch.Generator().manual_seed(1), chunk_elements=3 * 300)
+    assert torch.equal(whole, chunked) and torch.allclose(h_whole, h_chunked)
+    ids, counts = counted(torch.tensor([[1, 1, 3, 5, 5, 5]]), 10)
+    assert ids.tolist() == [[1, 3, 5, 0, 2, 4]] and counts.tolist() == [[2, 1, 3, 0, 0, 0]]
 
 
 @pytest.mark.parametrize("cls,opts", CASES, ids=IDS)

@@ -22,7 +22,7 @@ from kdistill.cli import app
 from kdistill.core.config import resolve
 from kdistill.core.errors import ConfigError, KdistillError
 from kdistill.core.registry import Registry
-from kdistill.plugins.teachers.cache_store import TeacherCache, dequantize, file_record, log_normalizer, quantize, shard_name, top_k_targets
+from kdistill.plugins.teachers.cache_store import TeacherCache, counted, dequantize, file_record, log_normalizer, quantize, shard_name, top_k_targets
 from kdistill.plugins.teachers.cached import cache_from_plan, source_identity
 from kdistill.plugins.teachers.hf import HFTeacher
 
@@ -136,13 +136,14 @@ def test_the_cache_reads_back_the_teachers_top_k(tiny_assets, tmp_path):
 
 
 def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_assets, tmp_path):
-    """Each position: k distinct ids whose counts sum to k; over all positions the drawn frequencies follow the
-    teacher's probabilities at T (the most likely token's share against its mean probability); the teacher's
-    entropy at T per position (float64 reference, float16 storage); 3 bytes a draw and 2 a position. A loss
-    that is not unbiased on draws is refused, word for word; so is k above 255."""
+    """Each position: k distinct ids whose counts sum to k, every token of the vocabulary drawn floor(k p) or
+    ceil(k p) times (systematic sampling; p the teacher's probability at T); over all positions the likeliest
+    token's share of the draws follows its mean probability; the teacher's entropy at T per position (float64
+    reference, float16 storage); 2 bytes a draw and 2 a position. A loss that is not unbiased on draws is
+    refused, word for word."""
     raw = cached_recipe(tiny_assets, tmp_path, k=8, temperature=2.0, mode="sampled")
     manifest = cache_from_plan(plan_of(raw), progress=False)
-    assert manifest["mode"] == "sampled" and manifest["seed"] == 0
+    assert manifest["mode"] == "sampled" and manifest["seed"] == 0 and manifest["encoding"] == "kdistill-sampled/3"
     cache = TeacherCache(tmp_path / "cache")
     engine = engine_for(tiny_recipe(tiny_assets, tmp_path / "live"))
     engine.build()
@@ -156,6 +157,8 @@ def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_asset
     assert all(len(set(row)) == 8 for row in got.ids.reshape(-1, 8).tolist())
     with torch.no_grad():
         probs = torch.softmax(engine.teacher.model(input_ids=data.batch_for_keys(keys).input_ids).logits / 2.0, -1)
+    dense = torch.zeros_like(probs).scatter_add_(-1, got.ids, counts)
+    assert (dense - 8 * probs).abs().max() < 1 + 1e-4  # floor or ceil of k p, for every token
     best = probs.argmax(-1, keepdim=True)
     share = ((got.ids == best) * counts).sum(-1) / 8  # how often each position drew its likeliest token
     n = share.numel()
@@ -163,9 +166,8 @@ def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_asset
     assert abs(share.mean() - expected) < 5 * math.sqrt(0.25 / (8 * n))
     reference = -(probs.double() * probs.double().log()).sum(-1)
     assert got.entropy.dtype == torch.float32 and (got.entropy.double() - reference).abs().max() < 4e-3  # float16
-    payload = manifest["tokens"] * (8 * 3 + 2) + 20 * 8
+    payload = manifest["tokens"] * (8 * 2 + 2) + 20 * 8
     assert payload < manifest["shard_bytes"] < payload + 3 * 1024
-
     reverse = json.loads(json.dumps(raw))
     reverse["losses"][0] = {"name": "reverse-kl", "options": {"temperature": 2.0}}
     with pytest.raises(ConfigError) as err:
@@ -179,39 +181,43 @@ def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_asset
         engine_for(as_top_k).run()
     assert str(err.value) == (f"teacher.options.path: the teacher cache at {tmp_path / 'cache'} does not fit this run: "
                               "mode (cache 'sampled', this run 'top-k')")
-    too_many = json.loads(json.dumps(raw))
-    too_many["teacher"]["options"]["k"] = 256
-    path = write_recipe(tmp_path / "many.yaml", too_many)
-    code, err_text = cli("validate", str(path))
-    assert code == 2 and len(err_text.strip().splitlines()) == 1
-    assert "k: at most 255 draws in mode sampled (counts are stored in a byte), got 256" in err_text
-    assert not (tmp_path / "run").exists()
 
 
-def test_a_sampled_cache_of_the_first_encoding_is_still_read_and_not_resumed_into(tiny_assets, tmp_path):
-    """A sampled cache written before the entropy was stored (encoding kdistill-sampled/1: no `entropy` tensor,
-    no `encoding` in the manifest) reads as before, the same draws and no entropy; writing over it is refused,
-    naming the encoding, unless --overwrite."""
+def test_sampled_caches_of_the_earlier_encodings_are_still_read_and_not_resumed_into(tiny_assets, tmp_path):
+    """A sampled cache of the second encoding (distinct ids and a byte of count each, and the entropy) and of the
+    first (no entropy, no `encoding` in the manifest) read as the same targets, the first without the entropy;
+    writing over them is refused, naming the encoding, unless --overwrite."""
     raw = cached_recipe(tiny_assets, tmp_path, k=4, temperature=2.0, mode="sampled")
     manifest = cache_from_plan(plan_of(raw), progress=False)
-    assert manifest["encoding"] == "kdistill-sampled/2"
     folder = tmp_path / "cache"
     keys = torch.tensor(sorted(TeacherCache(folder)))
     now = TeacherCache(folder).lookup(keys)
-    for name in list(manifest["shards"]):
-        tensors = load_file(str(folder / name))
-        del tensors["entropy"]
-        save_file(tensors, str(folder / name))
-        manifest["shards"][name] = file_record(folder / name)
-    del manifest["encoding"]
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    old = TeacherCache(folder).lookup(keys)
-    assert old.entropy is None and now.entropy is not None
-    assert torch.equal(old.ids, now.ids) and torch.equal(old.logprobs, now.logprobs)
+
+    def rewrite(change, encoding):
+        for name in list(manifest["shards"]):
+            tensors = load_file(str(folder / name))
+            change(tensors)
+            save_file(tensors, str(folder / name))
+            manifest["shards"][name] = file_record(folder / name)
+        manifest.pop("encoding", None)
+        if encoding:
+            manifest["encoding"] = encoding
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return TeacherCache(folder).lookup(keys)
+
+    def as_counts(tensors):
+        ids, counts = counted(tensors["ids"].long(), manifest["vocab_size"])
+        tensors.update(ids=ids.to(torch.uint16), counts=counts.to(torch.uint8))
+
+    second = rewrite(as_counts, "kdistill-sampled/2")
+    first = rewrite(lambda tensors: tensors.pop("entropy"), None)
+    assert torch.equal(second.ids, now.ids) and torch.equal(second.logprobs, now.logprobs)
+    assert torch.equal(second.entropy, now.entropy) and first.entropy is None
+    assert torch.equal(first.ids, now.ids) and torch.equal(first.logprobs, now.logprobs)
     with pytest.raises(ConfigError) as err:
         cache_from_plan(plan_of(raw), progress=False)
     assert str(err.value) == (f"teacher.options.path: {folder} holds a cache of something else: encoding (cache "
-                              "'kdistill-sampled/1', now 'kdistill-sampled/2'); pass --overwrite to replace it")
+                              "'kdistill-sampled/1', now 'kdistill-sampled/3'); pass --overwrite to replace it")
 
 
 def test_a_mismatched_cache_is_refused_naming_the_field(tiny_assets, tmp_path):

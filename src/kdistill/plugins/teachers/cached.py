@@ -10,13 +10,12 @@ import warnings
 from pathlib import Path
 from typing import Any, List, Literal
 
-import pydantic
 import torch
 from pydantic import Field
 
 import kdistill
 from kdistill import ConfigError, resolve_path
-from kdistill.plugins.teachers.cache_store import MAX_DRAWS, TeacherCache, check_top_k_losses, vocab_digest, weights_digest, write_cache
+from kdistill.plugins.teachers.cache_store import TeacherCache, check_top_k_losses, vocab_digest, weights_digest, write_cache
 from kdistill.plugins.teachers.hf import HFTeacher
 from kdistill.plugins.teachers.served import ServedTeacher
 from kdistill.toolkit import SET_HELP, fail, load_tokenizer, pick_device, plan_recipe, seed_everything
@@ -63,20 +62,14 @@ class CachedTeacher(kdistill.TeacherProvider):
                                                      "(the vllm teacher's options; k and temperature are the cache's)")
         mode: Literal["top-k", "sampled"] = Field("top-k", description="top-k: the k most likely tokens and a tail "
                                                   "bin (biased: the tail's shape is lost); sampled: k tokens drawn from "
-                                                  "the teacher's distribution, stored as counts (unbiased for forward-kl, "
-                                                  "the only loss it serves; k at most 255)")
+                                                  "the teacher's distribution, stored as their ids (unbiased for "
+                                                  "forward-kl, the only loss it serves)")
         k: int = Field(64, ge=1, description="log-probabilities kept per position (mode sampled: draws)")
         prefetch: bool = Field(True, description="read the next batches' targets in a background thread while "
                                "the student trains")
         shard_sequences: int = Field(256, ge=1, description="sequences per shard file")
         load_source: bool = Field(False, description="also load the source model's weights (for a from_teacher "
                                   "student and teacher metrics); it never runs in a training step")
-
-        @pydantic.model_validator(mode="after")
-        def _draws_fit(self):
-            if self.mode == "sampled" and self.k > MAX_DRAWS:
-                raise ValueError(f"k: at most {MAX_DRAWS} draws in mode sampled (counts are stored in a byte), got {self.k}")
-            return self
 
     def load(self, device: torch.device) -> None:
         self.cache = TeacherCache(resolve_path(self.options.path, "teacher.options.path"))
