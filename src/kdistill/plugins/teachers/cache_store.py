@@ -217,7 +217,9 @@ def sampled_draws(logits: torch.Tensor, k: int, temperature: float, generator: t
         # float32: a token's share of the cumulative sum is off by rounding (about 1e-7), far below 1 / k;
         # float64 would cost more than the sampling saves
         cumulative = probs.cumsum_(-1)
-        points = ((offsets[start:start + step] + steps) / k * cumulative[:, -1:]).float()
+        total = cumulative[:, -1:]
+        points = ((offsets[start:start + step] + steps) / k * total).float()
+        points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))  # rounding: never past the end
         draws[start:start + step] = torch.searchsorted(cumulative, points, right=True).clamp_(max=vocab - 1)
     return draws.reshape(*shape, k), entropy.reshape(shape)
 
