@@ -56,7 +56,8 @@ class ForwardKL(Divergence):
 
 def sparse_rows_and_grad(student: torch.Tensor, targets: SparseTargets, temp: float):
     """Forward KL to sparse targets (k bins and a tail bin holding every other token), analytic and written over
-    the student's chunk: no temporary as large as the chunk, the cost of a cross-entropy plus one pass.
+    the student's chunk: no temporary as large as the chunk, two passes over it (the normalizer's read, then the
+    gradient written block by block while in cache), as many as a cross-entropy's.
 
     value    T^2 [sum_k p_t (log p_t - log p_s) + p_t,tail (log p_t,tail - log p_s,tail)]
     gradient T (p_s - p_t) at the k tokens, T p_s (1 - p_t,tail / p_s,tail) at every other token
@@ -67,18 +68,24 @@ def sparse_rows_and_grad(student: torch.Tensor, targets: SparseTargets, temp: fl
     s = student.detach()
     ids = targets.ids.long()
     log_pt, log_pt_tail = upcast(targets.logprobs).to(s.dtype), upcast(targets.log_tail).to(s.dtype)
-    shift, log_total = log_normalizer(s, temp)
-    log_ps = s.gather(-1, ids).sub_(shift).div_(temp).sub_(log_total)
-    for b in vocab_blocks(s):  # p_s over the vocabulary, over the chunk, a block at a time
-        _tempered(s[:, b], shift, log_total, temp, out=s[:, b]).exp_()
-    grad = s.scatter_(-1, ids, 0.0)
-    ps_tail = grad.sum(dim=-1)  # the student's mass outside the k tokens, summed rather than 1 - sum (no cancellation)
+    picked = s.gather(-1, ids)
+    # the k tokens out, so that the normalizer's pass sums the student's tail alone (no 1 - sum cancellation)
+    s.scatter_(-1, ids, -math.inf)
+    shift, log_rest = log_normalizer(s, temp)
+    log_rest = torch.where(log_rest == math.inf, torch.full_like(log_rest, -math.inf), log_rest)  # no tail: 0 mass
+    scaled = picked.sub_(shift).div_(temp)
+    log_total = torch.logaddexp(log_rest, torch.logsumexp(scaled, dim=-1, keepdim=True))
+    log_total = torch.where(log_total == -math.inf, torch.full_like(log_total, math.inf), log_total)  # all -inf: p_s 0
+    log_ps = scaled.sub_(log_total)
+    log_ps_tail = (log_rest - log_total).squeeze(-1)
     pt, pt_tail = log_pt.exp(), log_pt_tail.exp()
+    ratio = pt_tail / log_ps_tail.exp().clamp(min=torch.finfo(s.dtype).tiny)
+    factor = (1.0 - ratio).mul_(temp).unsqueeze(-1)
+    for b in vocab_blocks(s):  # T p_s (1 - p_t,tail / p_s,tail) at every other token, a block at a time
+        _tempered(s[:, b], shift, log_total, temp, out=s[:, b]).exp_().mul_(factor)
+    grad = s.scatter_(-1, ids, log_ps.exp().sub_(pt).mul_(temp))
     values = torch.where(pt > 0, pt * (log_pt - log_ps.clamp(min=LOG_FLOOR)), torch.zeros_like(pt)).sum(-1)
-    values += torch.where(pt_tail > 0, pt_tail * (log_pt_tail - ps_tail.log().clamp(min=LOG_FLOOR)), torch.zeros_like(pt_tail))
-    ratio = pt_tail / ps_tail.clamp(min=torch.finfo(s.dtype).tiny)
-    grad.mul_((1.0 - ratio).mul_(temp).unsqueeze(-1))
-    grad.scatter_(-1, ids, log_ps.exp().sub_(pt).mul_(temp))
+    values += torch.where(pt_tail > 0, pt_tail * (log_pt_tail - log_ps_tail.clamp(min=LOG_FLOOR)), torch.zeros_like(pt_tail))
     offset = draws_offset(targets)
     if offset is not None:
         values += offset.to(values.dtype)
