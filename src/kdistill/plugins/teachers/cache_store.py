@@ -183,16 +183,21 @@ def decode_top_k(ids: torch.Tensor, q: torch.Tensor, hi: torch.Tensor, lo: torch
                          temperature=temperature)
 
 
-def tempered_probabilities(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax(logits / T), its entropy per row) of rows [n, V] in float32, from one exponentiation."""
-    shifted = logits.float() / temperature
-    shifted = shifted.sub_(shifted.amax(dim=-1, keepdim=True)).clamp_(min=torch.finfo(torch.float32).min)  # -inf: 0 mass
-    probs = shifted.exp()
-    total = probs.sum(dim=-1, keepdim=True)
-    probs.div_(total)
-    # -sum p log p with log p = shifted - log total
-    entropy = total.squeeze(-1).log_().sub_((probs.unsqueeze(-2) @ shifted.unsqueeze(-1)).reshape(-1))
-    return probs, entropy
+def cumulative_weights(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cumulative sum of exp((logits - max) / T) along each row [n, V] in float32, whose last column is the
+    normalizer; entropy of softmax(logits / T) [n]): one exponentiation and no division over the vocabulary."""
+    x = logits.float()
+    low, high = torch.aminmax(x, dim=-1, keepdim=True)
+    shifted = torch.sub(x, high)
+    if temperature != 1.0:
+        shifted.div_(temperature)
+    if not torch.isfinite(low).all():  # -inf logits: 0 mass, and no 0 * -inf in the entropy
+        shifted.clamp_(min=torch.finfo(torch.float32).min)
+    weights = shifted.exp()
+    dot = (weights.unsqueeze(-2) @ shifted.unsqueeze(-1)).reshape(-1)  # sum e (x - max) / T
+    cumulative = weights.cumsum_(-1)
+    total = cumulative[:, -1]
+    return cumulative, total.log() - dot / total  # -sum p log p with p = e / total
 
 
 def sampled_draws(logits: torch.Tensor, k: int, temperature: float, generator: torch.Generator | None = None,
@@ -213,10 +218,9 @@ def sampled_draws(logits: torch.Tensor, k: int, temperature: float, generator: t
     steps = torch.arange(k, dtype=torch.float64, device=logits.device)
     step = max(1, chunk_elements // max(1, vocab))
     for start in range(0, rows, step):
-        probs, entropy[start:start + step] = tempered_probabilities(flat[start:start + step], temperature)
-        # float32: a token's share of the cumulative sum is off by rounding (about 1e-7), far below 1 / k;
-        # float64 would cost more than the sampling saves
-        cumulative = probs.cumsum_(-1)
+        # float32: a token's share of the cumulative sum is off by rounding (about 1e-7 of the total), far below
+        # 1 / k; float64 would cost more than the sampling saves
+        cumulative, entropy[start:start + step] = cumulative_weights(flat[start:start + step], temperature)
         total = cumulative[:, -1:]
         points = ((offsets[start:start + step] + steps) / k * total).float()
         points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))  # rounding: never past the end
