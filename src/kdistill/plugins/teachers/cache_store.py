@@ -183,18 +183,19 @@ def decode_top_k(ids: torch.Tensor, q: torch.Tensor, hi: torch.Tensor, lo: torch
                          temperature=temperature)
 
 
-def cumulative_weights(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cumulative sum of exp((logits - max) / T) along each row [n, V] in float32, whose last column is the
-    normalizer; entropy of softmax(logits / T) [n]): one exponentiation and no division over the vocabulary."""
-    x = logits.float()
-    low, high = torch.aminmax(x, dim=-1, keepdim=True)
-    shifted = torch.sub(x, high)
+def cumulative_weights(x: torch.Tensor, temperature: float, shifted: torch.Tensor,
+                       weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cumulative sum of exp((x - max) / T) along each row of x [n, V] float32, in `weights`, whose last column
+    is the normalizer; entropy of softmax(x / T) [n]): one exponentiation and no division over the vocabulary,
+    into the buffers `shifted` and `weights` [n, V] (reused across chunks: a fresh tensor each time costs more
+    than the arithmetic)."""
+    torch.sub(x, x.amax(dim=-1, keepdim=True), out=shifted)
     if temperature != 1.0:
         shifted.div_(temperature)
-    if not torch.isfinite(low).all():  # -inf logits: 0 mass, and no 0 * -inf in the entropy
-        shifted.clamp_(min=torch.finfo(torch.float32).min)
-    weights = shifted.exp()
-    dot = (weights.unsqueeze(-2) @ shifted.unsqueeze(-1)).reshape(-1)  # sum e (x - max) / T
+    torch.exp(shifted, out=weights)
+    dot = torch.linalg.vecdot(weights, shifted)  # sum e (x - max) / T
+    if torch.isnan(dot).any():  # -inf logits (0 * -inf): they carry no mass
+        dot = torch.linalg.vecdot(weights, shifted.clamp_(min=torch.finfo(torch.float32).min))
     cumulative = weights.cumsum_(-1)
     total = cumulative[:, -1]
     return cumulative, total.log() - dot / total  # -sum p log p with p = e / total
@@ -217,10 +218,13 @@ def sampled_draws(logits: torch.Tensor, k: int, temperature: float, generator: t
                          device=generator.device if generator is not None else logits.device).to(logits.device)
     steps = torch.arange(k, dtype=torch.float64, device=logits.device)
     step = max(1, chunk_elements // max(1, vocab))
+    shifted = torch.empty(min(step, rows), vocab, dtype=torch.float32, device=logits.device)
+    weights = torch.empty_like(shifted)
     for start in range(0, rows, step):
+        x = flat[start:start + step].float()
         # float32: a token's share of the cumulative sum is off by rounding (about 1e-7 of the total), far below
         # 1 / k; float64 would cost more than the sampling saves
-        cumulative, entropy[start:start + step] = cumulative_weights(flat[start:start + step], temperature)
+        cumulative, entropy[start:start + step] = cumulative_weights(x, temperature, shifted[:len(x)], weights[:len(x)])
         total = cumulative[:, -1:]
         points = ((offsets[start:start + step] + steps) / k * total).float()
         points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))  # rounding: never past the end
