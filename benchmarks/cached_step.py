@@ -114,7 +114,7 @@ def steps(common: list[str], steps_per_round: int, rounds: int) -> None:
     from kdistill.plugins.teachers.cached import cache_from_plan
 
     for overrides in CACHES.values():
-        cache_from_plan(plan("quickstart-cached", common + overrides), progress=False)
+        cache_from_plan(plan("quickstart-cached", common + overrides), overwrite=True, progress=False)  # another --steps: rewritten
     kd = ["losses=[{name: forward-kl, weight: 0.5, options: {temperature: 2.0}}, {name: cross-entropy, weight: 0.5}]"]
     engines = {
         "cross-entropy alone": build("quickstart-cached", common + CACHES["top-k"] + [
