@@ -473,8 +473,20 @@ def build_student(spec, teacher_model: LM | None, teacher_tokenizer, width: dict
 
         if spec.lora.quantization != "none":  # QLoRA: a 4-bit frozen base under the adapters
             model = _requantize(model, "student.lora.quantization", spec.lora.quantization, spec.lora.double_quant, spec.dtype)
+            _never_repacked(model)
         model = add_lora(model, spec.lora)
     return model, tokenizer
+
+
+def _never_repacked(model: nn.Module) -> None:
+    """Keep a QLoRA student's 4-bit layers off bitsandbytes' AVX-512 BF16 repacking. An evaluation (eval mode,
+    no gradients) would repack them, and every later training step would run their forward through the packed
+    bfloat16 kernel, which has no backward (bitsandbytes 0.50: gemv_4bit, "no autograd kernel"): training would
+    then depend on whether an evaluation came first (a resumed run differs from an uninterrupted one) and differ
+    from every other CPU. Off, they compute as on any CPU (dequantized, float32)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]  # a plain bool attribute of Linear4bit
 
 
 def _build_student(spec, teacher_model: LM | None, teacher_tokenizer):
