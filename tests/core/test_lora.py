@@ -107,6 +107,9 @@ def test_qlora_trains_adapters_on_a_4_bit_base_and_resumes_exactly(recipe_factor
     engine.run()
     q_proj = engine.student.model.layers[0].self_attn.q_proj
     assert type(q_proj.base_layer).__name__ == "Linear4bit"
+    # never repacked for the AVX-512 BF16 kernel (no backward): on such a CPU the resume below differed
+    assert q_proj.base_layer.support_avx512bf16_for_cpu is False
+    assert not getattr(q_proj.base_layer.weight.quant_state, "packing_format_for_cpu", False)
     checkpoint = stored(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.safetensors")
     assert checkpoint and all(".lora_" in k for k in checkpoint)
     again = cut_after(raw, tmp_path / "resumed", "step-00000004")
