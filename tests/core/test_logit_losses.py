@@ -156,23 +156,29 @@ def test_fused_chunked_path_equals_the_plain_path(cls, opts, chunk, block, monke
     assert n == hs.shape[0] * hs.shape[1]
 
 
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("temperatures", [(0.5,), (1.0,), (3.0,), (2.0, 1.0), (3.0, 1.0, 1.5), (1.5, 1.0, 0.5)],
+                         ids=lambda t: "-".join(map(str, t)))
 @pytest.mark.parametrize("block", [1, 5, 1 << 18])
-def test_log_normalizer_against_a_float64_reference(temperature, block, monkeypatch):
-    """log sum exp(x / T) per row from vocabulary blocks, with -inf entries; a row of -inf gives +inf."""
+def test_log_normalizer_against_a_float64_reference(temperatures, block, monkeypatch):
+    """log sum exp(x / T) per row from vocabulary blocks, with -inf entries; a row of -inf gives +inf. Several
+    temperatures in one pass (log_normalizers): some from their own exponentials, some (a ratio of 2 or 3 to the
+    first) from powers of the first one's."""
     monkeypatch.setattr(common, "VOCAB_BLOCK_ELEMENTS", block)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 23, generator=g) * 8
     x[0, 3] = x[1, :11] = float("-inf")
     x[2] += 60.0
     x[3] = float("-inf")
-    shift, log_total = common.log_normalizer(x, temperature)
-    for row in range(3):
-        finite = [v / temperature for v in x[row].tolist() if v != float("-inf")]
-        top = max(finite)
-        expected = top + math.log(sum(math.exp(v - top) for v in finite))
-        assert shift[row, 0].item() / temperature + log_total[row, 0].item() == pytest.approx(expected, rel=1e-6)
-    assert log_total[3, 0].item() == float("inf")
+    shift, log_totals = common.log_normalizers(x, temperatures)
+    if len(temperatures) == 1:
+        assert [t.tolist() for t in common.log_normalizer(x, temperatures[0])] == [shift.tolist(), log_totals[0].tolist()]
+    for temperature, log_total in zip(temperatures, log_totals):
+        for row in range(3):
+            finite = [v / temperature for v in x[row].tolist() if v != float("-inf")]
+            top = max(finite)
+            expected = top + math.log(sum(math.exp(v - top) for v in finite))
+            assert shift[row, 0].item() / temperature + log_total[row, 0].item() == pytest.approx(expected, rel=1e-6)
+        assert log_total[3, 0].item() == float("inf")
 
 
 @pytest.mark.parametrize("layout", ["row-major", "vocabulary-major"])
@@ -346,6 +352,89 @@ def test_forward_kl_on_sparse_targets_fused_against_a_float64_reference(kind, te
     gh, gw = hs.grad.clone(), ws.grad.clone()
     hs.grad = ws.grad = None
     plain.backward()
+    assert torch.allclose(gh, hs.grad, atol=1e-9) and torch.allclose(gw, ws.grad, atol=1e-9)
+
+
+def ref_cross_entropy(student_rows, labels):
+    return sum(-math.log(softmax(row, 1.0)[y]) for row, y in zip(student_rows, labels))
+
+
+@pytest.mark.parametrize("layout", ["row-major", "vocabulary-major"])
+@pytest.mark.parametrize("temp", [1.0, 2.0, 1.5])
+@pytest.mark.parametrize("kind", ["dense", "top-k", "sampled"])
+def test_forward_kl_carrying_the_cross_entropy_against_a_float64_reference(kind, temp, layout, monkeypatch):
+    """rows_and_grad_with_ce (what the fused path calls for forward KL + cross-entropy, in forward KL's own two
+    passes): forward KL's rows and the cross-entropy's rows against plain floats, the gradient against central
+    differences of forward KL + ce_scale x cross-entropy; some labels among the teacher's k tokens, some not."""
+    monkeypatch.setattr(common, "VOCAB_BLOCK_ELEMENTS", 4)
+    g = torch.Generator().manual_seed(12)
+    rows, v, k, ce_scale = 6, 13, 4, 0.6
+    student = torch.randn(rows, v, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(rows, v, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (rows,), generator=g)
+    loss = make(ForwardKL, {"temperature": temp})
+    if kind == "dense":
+        targets = teacher
+
+        def kl_ref(z):
+            return sum(kl(softmax(t, temp), softmax(r, temp)) for r, t in zip(z.tolist(), teacher.tolist())) * temp * temp
+    else:
+        if kind == "top-k":
+            targets = sparse_targets(teacher, k, temp)
+        else:
+            from kdistill.plugins.teachers.cache_store import decode_sampled, sampled_draws
+
+            sampled = decode_sampled(sampled_draws(teacher, k, temp, g)[0], temp, v)
+            targets = kdistill.SparseTargets(sampled.ids, sampled.logprobs.double(), sampled.log_tail.double(), temp,
+                                             kind="sampled")
+        labels[:2] = targets.ids[:2, 1].long()  # two labels among the k tokens
+        outside = next(j for j in range(v) if j not in targets.ids[3].tolist() and j != labels[3])
+        student[3, outside] = float("-inf")  # a -inf logit in the tail: probability 0, gradient 0
+        ids = targets.ids.long().tolist()
+        bins_t = [[math.exp(x) for x in lp] + [math.exp(t)] for lp, t in zip(targets.logprobs.tolist(), targets.log_tail.tolist())]
+
+        def kl_ref(z):
+            return binned_forward_kl(z.tolist(), ids, bins_t, temp)
+    chunk = student.clone() if layout == "row-major" else student.T.contiguous().T
+    values, ce_values, grad = loss.rows_and_grad_with_ce(chunk, targets, labels, ce_scale)
+    assert values.sum().item() == pytest.approx(kl_ref(student), rel=1e-9)
+    assert ce_values.tolist() == pytest.approx([ref_cross_entropy([r], [y]) for r, y in zip(student.tolist(), labels.tolist())],
+                                               rel=1e-9)
+    expected = numeric_grad(lambda z: kl_ref(z) + ce_scale * ref_cross_entropy(z.tolist(), labels.tolist()), student.clone())
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dense", "top-k"])
+def test_the_fused_path_lets_forward_kl_carry_the_cross_entropy(kind, monkeypatch):
+    """Forward KL + cross-entropy on the fused path: the cross-entropy's own passes never run (forward KL carries
+    it), and total, each term and both gradients equal the plain path's over full logits."""
+    monkeypatch.setattr(common, "VOCAB_BLOCK_ELEMENTS", 8)
+    g = torch.Generator().manual_seed(13)
+    rows, v, d = 9, 23, 5
+    hs = torch.randn(rows, d, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(rows, v, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (rows,), generator=g)
+    targets = teacher if kind == "dense" else sparse_targets(teacher, 5, 2.0)
+    outputs = kdistill.ModelOutputs(logits=teacher) if kind == "dense" else kdistill.ModelOutputs(sparse=targets)
+    losses = [("cross-entropy", 0.3, CrossEntropy()), ("forward-kl", 0.7, make(ForwardKL, {"temperature": 2.0}))]
+
+    def refused(*args):
+        raise AssertionError("the cross-entropy ran on its own")
+    monkeypatch.setattr(CrossEntropy, "rows_and_grad", refused)
+    total, terms = fused_logit_loss(hs, ws, TeacherRows(outputs, torch.ones(rows, dtype=torch.bool)), labels, losses, chunk=4)
+    monkeypatch.undo()
+    plain_outputs = kdistill.ModelOutputs(logits=teacher[None]) if kind == "dense" else kdistill.ModelOutputs(
+        sparse=kdistill.SparseTargets(targets.ids[None], targets.logprobs[None], targets.log_tail[None], 2.0))
+    batch = kdistill.Batch(input_ids=labels[None], labels=labels[None])
+    parts = {name: loss(kdistill.ModelOutputs(logits=(hs @ ws.T)[None]), plain_outputs, batch) for name, _, loss in losses}
+    ref = sum(w * parts[name] for name, w, _ in losses)
+    assert total.item() == pytest.approx(ref.item(), rel=1e-9)
+    assert {name: t.item() for name, t in terms.items()} == pytest.approx({name: t.item() for name, t in parts.items()}, rel=1e-9)
+    total.backward()
+    gh, gw = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    ref.backward()
     assert torch.allclose(gh, hs.grad, atol=1e-9) and torch.allclose(gw, ws.grad, atol=1e-9)
 
 

@@ -265,6 +265,11 @@ class LogitLoss(Loss):
     supports_sparse: ClassVar[bool] = False
     # defined on sampled targets too (SparseTargets.kind "sampled"), with the full expected gradient there
     supports_sampled: ClassVar[bool] = False
+    # the hard-label cross-entropy (value logsumexp(z) - z_label, no options): another loss may carry it along
+    is_cross_entropy: ClassVar[bool] = False
+    # implements rows_and_grad_with_ce: the cross-entropy's value and gradient computed in this loss's own
+    # passes over a chunk, so that the fused path reads and writes the chunk no more often than for one loss
+    carries_cross_entropy: ClassVar[bool] = False
 
     def rows(self, student: torch.Tensor, teacher: "torch.Tensor | SparseTargets | None", labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -280,6 +285,12 @@ class LogitLoss(Loss):
             values = self.rows(leaf, teacher, labels)
             (grad,) = torch.autograd.grad(values.sum(), leaf)
         return values.detach(), grad
+
+    def rows_and_grad_with_ce(self, student: torch.Tensor, teacher, labels: torch.Tensor,
+                              ce_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(own rows, cross-entropy rows, own gradient + ce_scale x the cross-entropy's gradient), where
+        `carries_cross_entropy` is set; the fused path uses it for a recipe of this loss and cross-entropy."""
+        raise NotImplementedError(f"loss '{self.name}' does not carry the cross-entropy")
 
     def __call__(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Batch) -> torch.Tensor:
         mask = batch.mask

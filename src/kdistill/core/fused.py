@@ -98,14 +98,26 @@ def _analytic(loss: LogitLoss) -> bool:
     return type(loss).rows_and_grad is not LogitLoss.rows_and_grad
 
 
-def chunk_tensors(losses: Sequence[tuple[str, float, LogitLoss]], teacher_dense: bool = True) -> int:
+def carried_cross_entropy(losses: Sequence[tuple[str, float, LogitLoss]], compiled: bool = False) -> tuple[int, int] | None:
+    """(carrier, cross-entropy): positions in `losses` of the one cross-entropy and of the first loss with a nonzero
+    weight that can carry it along (LogitLoss.carries_cross_entropy), or None (also under `compiled`, which
+    evaluates every loss's `rows` on its own)."""
+    if compiled:
+        return None
+    ce = [i for i, (_, _, loss) in enumerate(losses) if loss.is_cross_entropy]
+    carriers = [i for i, (_, weight, loss) in enumerate(losses) if loss.carries_cross_entropy and weight != 0]
+    return (carriers[0], ce[0]) if len(ce) == 1 and carriers else None
+
+
+def chunk_tensors(losses: Sequence[tuple[str, float, LogitLoss]], teacher_dense: bool = True, compiled: bool = False) -> int:
     """How many chunk-sized float32 tensors the fused path keeps at once for these losses: the
     student's chunk, the teacher's (when a loss needs a dense teacher), a copy of the student's chunk
-    for every loss but the last, a copy of the teacher's for every teacher user but the last, and
-    AUTOGRAD_CHUNK_TEMPORARIES for each loss without an analytic gradient."""
+    for every loss but the last (a cross-entropy carried by another loss needs none), a copy of the
+    teacher's for every teacher user but the last, and AUTOGRAD_CHUNK_TEMPORARIES for each loss without
+    an analytic gradient."""
     losses = list(losses)
     users = sum(1 for _, _, loss in losses if loss.needs_teacher)
-    count = 1 + max(0, len(losses) - 1)
+    count = 1 + max(0, len(losses) - 1) - (carried_cross_entropy(losses, compiled) is not None)
     if teacher_dense and users:
         count += 1 + (users - 1)
     return count + AUTOGRAD_CHUNK_TEMPORARIES * sum(1 for _, _, loss in losses if not _analytic(loss))
@@ -243,8 +255,11 @@ class _FusedLogitLoss(torch.autograd.Function):
             t_compute = (_autocast_dtype(teacher.weight.device) if teacher.weight.dtype == torch.float32 else None) or teacher.weight.dtype
             teacher = TeacherRows.projected(teacher, teacher.weight.to(t_compute))
             teacher_buffer = chunk_buffer(teacher.weight, rows, t_acc)
+        # a cross-entropy carried along by another loss runs in that loss's passes (no chunk copy, no passes of its own)
+        carried = carried_cross_entropy(losses, compiled)
+        order = [i for i in range(len(losses)) if carried is None or i != carried[1]]
         # copies for every loss but the last (each may overwrite its chunk), made once per call
-        spare_student = [torch.empty_like(student_buffer) for _ in losses[:-1]]
+        spare_student = [torch.empty_like(student_buffer) for _ in order[:-1]]
         spare_teacher: list[torch.Tensor] = []
         functions = [_compiled_rows_and_grad(loss) if compiled else loss.rows_and_grad for _, _, loss in losses]
         with torch.autocast(weight.device.type, enabled=False):
@@ -253,10 +268,12 @@ class _FusedLogitLoss(torch.autograd.Function):
                 h = hidden[start:stop].detach()
                 logits = project(h, w, student_buffer)
                 target = teacher.chunk(start, stop, teacher_buffer) if last_teacher_user >= 0 else None
-                grad_logits = None
-                for i, (_, weight_i, loss) in enumerate(losses):
+                # the weighted gradient, kept as grad_logits x scale: the weights go into the products below
+                grad_logits, scale = None, 0.0
+                for position, i in enumerate(order):
+                    _, weight_i, loss = losses[i]
                     # the last loss may overwrite the chunks in place; earlier ones get copies
-                    own_logits = logits if i == len(losses) - 1 else _copy_into(spare_student[i], logits)
+                    own_logits = logits if position == len(order) - 1 else _copy_into(spare_student[position], logits)
                     own_target = None
                     if loss.needs_teacher:
                         if i == last_teacher_user or not isinstance(target, torch.Tensor):
@@ -266,23 +283,36 @@ class _FusedLogitLoss(torch.autograd.Function):
                                 spare_teacher.append(torch.empty(target.numel(), dtype=target.dtype, device=target.device)
                                                      if teacher_buffer is None else torch.empty_like(teacher_buffer))
                             own_target = _copy_into(spare_teacher[0], target)
-                    values, g = functions[i](own_logits, own_target, labels[start:stop])
+                    if carried is not None and i == carried[0]:
+                        ce_weight = losses[carried[1]][1]
+                        values, ce_values, g = loss.rows_and_grad_with_ce(own_logits, own_target, labels[start:stop],
+                                                                          ce_weight / weight_i)
+                        value = ce_values.sum().double()
+                        terms[carried[1]] += value
+                        total += ce_weight * value
+                    else:
+                        values, g = functions[i](own_logits, own_target, labels[start:stop])
                     del own_logits, own_target
                     value = values.sum().double()
                     terms[i] += value
                     total += weight_i * value
-                    grad_logits = g.mul_(weight_i) if grad_logits is None else grad_logits.add_(g, alpha=weight_i)
+                    if weight_i != 0:
+                        if grad_logits is None:
+                            grad_logits, scale = g, weight_i
+                        else:
+                            grad_logits.add_(g, alpha=weight_i / scale)
                     del g, values
                 del logits, target
-                if want_h:
-                    grad_h[start:stop] = grad_logits.to(compute) @ w
-                if want_w:
-                    # float32 chunk gradient straight into the float32 accumulator; a low-precision
-                    # product (autocast) goes through one [V, D] product in that dtype
-                    if compute == acc or weight.device.type == "cpu":  # CPU: no fast half products on most
-                        grad_w.addmm_(grad_logits.T, h.to(acc))
-                    else:
-                        grad_w.add_(grad_logits.T.to(compute) @ h.to(compute))
+                if grad_logits is not None:
+                    if want_h:
+                        grad_h[start:stop] = (grad_logits.to(compute) @ w).mul_(scale)
+                    if want_w:
+                        # float32 chunk gradient straight into the float32 accumulator; a low-precision
+                        # product (autocast) goes through one [V, D] product in that dtype
+                        if compute == acc or weight.device.type == "cpu":  # CPU: no fast half products on most
+                            grad_w.addmm_(grad_logits.T, h.to(acc), alpha=scale)
+                        else:
+                            grad_w.add_(grad_logits.T.to(compute) @ h.to(compute), alpha=scale)
                 del grad_logits, h
         # kept as attributes, not saved tensors, so backward can hand them over without a copy
         ctx.grad_h, ctx.grad_w = grad_h, grad_w
@@ -330,7 +360,7 @@ def fused_logit_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher: Teache
     if chunk is None:
         dense = teacher.sparse is None
         element_bytes = torch.promote_types(weight.dtype, torch.float32).itemsize
-        chunk = budget_chunk(weight.shape[0], chunk_tensors(losses, dense),
+        chunk = budget_chunk(weight.shape[0], chunk_tensors(losses, dense, bool(compile)),
                              default_memory_budget(weight.device) if memory_budget_mib is None else memory_budget_mib,
                              element_bytes)
     total, terms = _FusedLogitLoss.apply(hidden, weight, teacher, labels, losses, chunk, bool(compile))

@@ -73,23 +73,67 @@ def log_normalizer(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, t
     hundreds of MiB). A row of -inf everywhere gets log_total = +inf: its probabilities are all 0
     rather than nan.
     """
+    shift, (log_total,) = log_normalizers(x, (temperature,))
+    return shift, log_total
+
+
+def integer_ratio(high: float, low: float) -> int | None:
+    """n when high / low is 2 or 3: exp(y / low) is then exp(y / high) ** n, a multiplication instead of another
+    exponential (the exponentials are most of a pass's time on CPU; a power above 3 costs as much as one)."""
+    ratio = high / low
+    return int(ratio) if ratio in (2.0, 3.0) else None
+
+
+def log_normalizers(x: torch.Tensor, temperatures) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """log_normalizer at several temperatures in the same single pass over `x`: one shift [rows, 1]
+    (the row maximum) and a log_total [rows, 1] per temperature, so that a loss and the cross-entropy
+    it carries along (rows_and_grad_with_ce) read the chunk once. A temperature the first one divides by
+    2 or 3 (integer_ratio) takes powers of the first one's exponentials."""
     blocks = vocab_blocks(x)
     maxima = torch.empty(x.shape[0], len(blocks), dtype=x.dtype, device=x.device)
-    sums = torch.empty_like(maxima)
+    sums = [torch.empty_like(maxima) for _ in temperatures]
     scratch = torch.empty_like(x[:, blocks[0]])
+    other = torch.empty_like(scratch) if len(temperatures) > 1 else scratch
+    first, rest = temperatures[0], list(enumerate(temperatures))[1:]
+    powers = {j: integer_ratio(first, t) for j, t in rest}
     for i, b in enumerate(blocks):
-        block, part = x[:, b], scratch[:, : b.stop - b.start]
+        width = b.stop - b.start
+        block, part, spare = x[:, b], scratch[:, :width], other[:, :width]
         block_max = block.amax(dim=-1, keepdim=True)
         maxima[:, i : i + 1] = block_max
         torch.sub(block, block_max.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), out=part)
-        if temperature != 1.0:
-            part.div_(temperature)
-        torch.sum(part.exp_(), dim=-1, out=sums[:, i])
+        for j, t in rest:  # the others' own exponentials first, while `part` is still x - max
+            if powers[j] is None:
+                torch.sum(torch.div(part, t, out=spare).exp_(), dim=-1, out=sums[j][:, i])
+        if first != 1.0:
+            part.div_(first)
+        torch.sum(part.exp_(), dim=-1, out=sums[0][:, i])
+        for j, _ in rest:
+            if powers[j] is not None:
+                torch.sum(torch.pow(part, powers[j], out=spare), dim=-1, out=sums[j][:, i])
     shift = maxima.amax(dim=-1, keepdim=True)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    # each block's sum rescaled from its own maximum to the row's; an all -inf block weighs 0
-    total = sums.mul_(maxima.sub_(shift).div_(temperature).exp_()).sum(dim=-1, keepdim=True)
-    return shift, torch.where(total > 0, total.log(), torch.full_like(total, float("inf")))
+    offsets = maxima.sub_(shift)
+    log_totals = []
+    for temperature, row_sums in zip(temperatures, sums):
+        # each block's sum rescaled from its own maximum to the row's; an all -inf block weighs 0
+        total = row_sums.mul_(offsets.div(temperature).exp_()).sum(dim=-1, keepdim=True)
+        log_totals.append(torch.where(total > 0, total.log(), torch.full_like(total, float("inf"))))
+    return shift, log_totals
+
+
+def cross_entropy_rows_and_grad(student: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy on the hard labels, analytic and in place: value logsumexp(z) - z_y, gradient
+    softmax(z) - onehot(y), written over `student`; the normalizer comes from vocabulary blocks, so no
+    temporary as large as the chunk exists."""
+    z = student.detach()
+    index = labels.unsqueeze(-1)
+    shift, log_total = log_normalizer(z, 1.0)
+    lse = shift + log_total
+    values = (lse - z.gather(-1, index)).squeeze(-1)
+    grad = z.sub_(lse).exp_()
+    grad.scatter_add_(-1, index, torch.full_like(lse, -1.0))
+    return values, grad
 
 
 def shared_vocab(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import kdistill
-from kdistill.plugins.losses.common import log_normalizer
+from kdistill.plugins.losses.common import cross_entropy_rows_and_grad
 
 
 class CrossEntropy(kdistill.LogitLoss):
@@ -13,6 +13,7 @@ class CrossEntropy(kdistill.LogitLoss):
 
     name = "cross-entropy"
     needs_teacher = False
+    is_cross_entropy = True
 
     class Options(kdistill.Options):
         pass
@@ -21,16 +22,7 @@ class CrossEntropy(kdistill.LogitLoss):
         return torch.nn.functional.cross_entropy(student, labels, reduction="none")
 
     def rows_and_grad(self, student, teacher, labels):
-        # analytic and in place: value logsumexp(z) - z_y, gradient softmax(z) - onehot(y); the
-        # normalizer comes from vocabulary blocks, so no temporary as large as the chunk exists
-        z = student.detach()
-        index = labels.unsqueeze(-1)
-        shift, log_total = log_normalizer(z, 1.0)
-        lse = shift + log_total
-        values = (lse - z.gather(-1, index)).squeeze(-1)
-        grad = z.sub_(lse).exp_()
-        grad.scatter_add_(-1, index, torch.full_like(lse, -1.0))
-        return values, grad
+        return cross_entropy_rows_and_grad(student, labels)
 
 
 @kdistill.hookimpl
