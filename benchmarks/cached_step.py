@@ -9,7 +9,9 @@ the cache costs against the teacher's bare forward; side by side in one process,
    draws), both at T = 2.
 2. Steps, each engine `--steps` per round in turn: cross-entropy alone (the same student forward and
    backward, no teacher); forward KL (T = 2) + cross-entropy from the top-k cache and from the sampled cache;
-   the same with the live teacher. Median seconds per step over every step after each engine's first, the
+   the same with the live teacher; and the sampled cache's step with forward KL not carrying the cross-entropy
+   (`ForwardKL.carries_cross_entropy` off for that row: the cross-entropy's own passes over a copy of the chunk,
+   the fused path before 2026-12-02). Median seconds per step over every step after each engine's first, the
    ratio to the cross-entropy step, and the part spent fetching the teacher's targets (`teacher_outputs`:
    reading the cache, or the live teacher's forward).
 3. The cache writer (top-k, k = 64, and sampled) on `--write-batches` batches against the teacher's bare
@@ -34,6 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from on_policy import Timed, build  # noqa: E402  (the same engine builder and timer)
 
+from kdistill.plugins.losses.forward_kl import ForwardKL  # noqa: E402
+
+SEPARATE = "KD from the sampled cache (k=48), cross-entropy in its own passes"
 CACHES = {"top-k": ["teacher.options.mode=top-k", "teacher.options.k=64", "teacher.options.path=runs/cache-top-k"],
           "sampled": ["teacher.options.mode=sampled", "teacher.options.k=48", "teacher.options.path=runs/cache-sampled"]}
 
@@ -54,6 +59,8 @@ def step_rows(engines: dict, steps: int, rounds: int) -> dict[str, list[tuple[fl
     rows: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
     for round_index in range(rounds):
         for name, engine in engines.items():
+            # the row that measures the path before forward KL carried the cross-entropy (its own passes, a chunk copy)
+            ForwardKL.carries_cross_entropy = name != SEPARATE
             for s in range(steps):
                 step = round_index * steps + s
                 timers[name].seconds = 0.0
@@ -61,6 +68,7 @@ def step_rows(engines: dict, steps: int, rounds: int) -> dict[str, list[tuple[fl
                 engine.train_step(step)
                 if step > 0:
                     rows[name].append((time.perf_counter() - began, timers[name].seconds))
+    ForwardKL.carries_cross_entropy = True
     return rows
 
 
@@ -121,6 +129,7 @@ def steps(common: list[str], steps_per_round: int, rounds: int) -> None:
             "losses=[{name: cross-entropy, weight: 1.0}]", "output_dir=runs/ce"]),
         "KD from the top-k cache (k=64)": build("quickstart-cached", common + CACHES["top-k"] + kd + ["output_dir=runs/top-k"]),
         "KD from the sampled cache (k=48)": build("quickstart-cached", common + CACHES["sampled"] + kd + ["output_dir=runs/sampled"]),
+        SEPARATE: build("quickstart-cached", common + CACHES["sampled"] + kd + ["output_dir=runs/sampled-separate"]),
         "KD from the live teacher": build("quickstart", common + kd + ["output_dir=runs/live"]),
     }
     rows = step_rows(engines, steps_per_round, rounds)
