@@ -58,16 +58,20 @@ def test_scheduled_weight_and_temperature_take_each_steps_value_and_are_logged(r
     raw = scheduled_recipe(recipe_factory)
     engine = engine_for(raw)
     seen = []
-    original = ForwardKL.rows_and_grad
+    original, original_with_ce = ForwardKL.rows_and_grad, ForwardKL.rows_and_grad_with_ce
 
     def spy(self, student, teacher, labels):
         seen.append(self.temperature)
         return original(self, student, teacher, labels)
-    ForwardKL.rows_and_grad = spy
+
+    def spy_with_ce(self, student, teacher, labels, ce_scale):  # the fused path's call with a cross-entropy carried
+        seen.append(self.temperature)
+        return original_with_ce(self, student, teacher, labels, ce_scale)
+    ForwardKL.rows_and_grad, ForwardKL.rows_and_grad_with_ce = spy, spy_with_ce
     try:
         engine.run()
     finally:
-        ForwardKL.rows_and_grad = original
+        ForwardKL.rows_and_grad, ForwardKL.rows_and_grad_with_ce = original, original_with_ce
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     by_step = {row["step"]: row["metrics"] for row in logged if "schedule/forward-kl.weight" in row.get("metrics", {})}
     weights = [0.2 + 0.8 * s / 4 for s in range(5)]
