@@ -15,7 +15,7 @@ from types import ModuleType
 import pydantic
 import torch
 
-from kdistill.core.components import KINDS, Batch, Component, Loss, ModelOutputs
+from kdistill.core.components import KINDS, Batch, Component, LogitLoss, Loss, ModelOutputs
 from kdistill.core.components import Options as BaseOptions
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_.][a-z0-9]+)*$")
@@ -90,6 +90,29 @@ def check_loss(cls: type[Loss], options: BaseOptions | None = None, vocab: int =
     assert float(zero) == 0.0, f"{cls.name}: an all-padding batch must give 0, got {float(zero)}"
 
 
+def check_carried_cross_entropy(cls: type[LogitLoss], options: BaseOptions | None = None, vocab: int = 11,
+                                seed: int = 0) -> None:
+    """A loss that `carries_cross_entropy` gives, from rows_and_grad_with_ce, its own rows_and_grad's rows, the
+    cross-entropy's rows and its own gradient plus ce_scale x the cross-entropy's (float64, dense teacher)."""
+    gen = torch.Generator().manual_seed(seed)
+    loss = cls(options)
+    student = torch.randn(6, vocab, generator=gen, dtype=torch.float64) * 2
+    teacher = torch.randn(6, vocab, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, vocab, (6,), generator=gen)
+    ce_scale = 0.7
+    own, ce, grad = loss.rows_and_grad_with_ce(student.clone(), teacher.clone(), labels, ce_scale)
+    own_alone, grad_alone = loss.rows_and_grad(student.clone(), teacher.clone(), labels)
+    leaf = student.clone().requires_grad_(True)
+    ce_alone = torch.nn.functional.cross_entropy(leaf, labels, reduction="none")
+    (ce_grad,) = torch.autograd.grad(ce_alone.sum(), leaf)
+    assert torch.allclose(own, own_alone, rtol=1e-9, atol=1e-12), \
+        f"{cls.name}: rows_and_grad_with_ce must return the loss's own rows first, as rows_and_grad does"
+    assert torch.allclose(ce, ce_alone.detach(), rtol=1e-9, atol=1e-12), \
+        f"{cls.name}: rows_and_grad_with_ce's second result must be the cross-entropy's rows"
+    assert torch.allclose(grad, grad_alone + ce_scale * ce_grad, rtol=1e-9, atol=1e-12), \
+        f"{cls.name}: rows_and_grad_with_ce's gradient must be the loss's own plus ce_scale x the cross-entropy's"
+
+
 def check_component(cls: type[Component], plugin: ModuleType | object | None = None) -> None:
     """Run every check that applies to `cls` (registration only when `plugin` is given)."""
     kind_of(cls)
@@ -99,3 +122,5 @@ def check_component(cls: type[Component], plugin: ModuleType | object | None = N
         check_registers(cls, plugin)
     if issubclass(cls, Loss) and not [f for f in cls.Options.model_fields.values() if f.is_required()]:
         check_loss(cls)
+        if issubclass(cls, LogitLoss) and cls.carries_cross_entropy:
+            check_carried_cross_entropy(cls)

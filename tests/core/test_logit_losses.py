@@ -588,6 +588,23 @@ def test_conformance_kit(cls, opts):
     check_component(cls, plugin=importlib.import_module(cls.__module__))
 
 
+def test_conformance_kit_refuses_a_carried_cross_entropy_at_the_wrong_scale():
+    from kdistill.testing import check_carried_cross_entropy
+
+    check_carried_cross_entropy(ForwardKL, ForwardKL.Options(temperature=2.0))  # forward KL itself passes
+
+    class Unscaled(ForwardKL):
+        name = "unscaled-kl"
+
+        def rows_and_grad_with_ce(self, student, teacher, labels, ce_scale):
+            return super().rows_and_grad_with_ce(student, teacher, labels, 1.0)
+
+    with pytest.raises(AssertionError) as err:
+        check_carried_cross_entropy(Unscaled, Unscaled.Options(temperature=2.0))
+    assert str(err.value) == ("unscaled-kl: rows_and_grad_with_ce's gradient must be the loss's own plus ce_scale x the "
+                              "cross-entropy's")
+
+
 TEMPERED = [(cls, opts) for cls, opts in CASES if "temperature" in opts]
 
 

@@ -26,6 +26,7 @@ class ForwardKL(Divergence):
 
     name = "forward-kl"
     supports_sampled = True  # on sampled targets its gradient is the cross-entropy's to them: unbiased
+    carries_cross_entropy = True  # rows_and_grad_with_ce: the cross-entropy in forward KL's own passes
 
     def divergence(self, log_ps, log_pt):
         return kl_rows(log_pt, log_ps)
@@ -38,8 +39,6 @@ class ForwardKL(Divergence):
     def rows_and_grad(self, student, teacher, labels):
         values, _, grad = self._rows_and_grad(student, teacher, labels, None)
         return values, grad
-
-    carries_cross_entropy = True
 
     def rows_and_grad_with_ce(self, student, teacher, labels, ce_scale):
         return self._rows_and_grad(student, teacher, labels, ce_scale)
