@@ -404,19 +404,22 @@ def test_forward_kl_carrying_the_cross_entropy_against_a_float64_reference(kind,
     assert torch.allclose(grad, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["dense", "top-k"])
+@pytest.mark.parametrize("kind", ["dense", "dense-padded", "top-k"])
 def test_the_fused_path_lets_forward_kl_carry_the_cross_entropy(kind, monkeypatch):
-    """Forward KL + cross-entropy on the fused path: the cross-entropy's own passes never run (forward KL carries
-    it), and total, each term and both gradients equal the plain path's over full logits."""
+    """Forward KL + cross-entropy on the fused path: the cross-entropy loss's own rows_and_grad is never called
+    (forward KL carries it), and total, each term and both gradients equal the plain path's over full logits; also
+    with a teacher whose vocabulary is padded to more tokens (forward KL's autograd path, the cross-entropy over the
+    student's vocabulary beside it)."""
     monkeypatch.setattr(common, "VOCAB_BLOCK_ELEMENTS", 8)
     g = torch.Generator().manual_seed(13)
     rows, v, d = 9, 23, 5
     hs = torch.randn(rows, d, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(rows, v, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(rows, v + 3 if kind == "dense-padded" else v, generator=g, dtype=torch.float64) * 2
     labels = torch.randint(0, v, (rows,), generator=g)
-    targets = teacher if kind == "dense" else sparse_targets(teacher, 5, 2.0)
-    outputs = kdistill.ModelOutputs(logits=teacher) if kind == "dense" else kdistill.ModelOutputs(sparse=targets)
+    dense = kind.startswith("dense")
+    targets = teacher if dense else sparse_targets(teacher, 5, 2.0)
+    outputs = kdistill.ModelOutputs(logits=teacher) if dense else kdistill.ModelOutputs(sparse=targets)
     losses = [("cross-entropy", 0.3, CrossEntropy()), ("forward-kl", 0.7, make(ForwardKL, {"temperature": 2.0}))]
 
     def refused(*args):
@@ -424,7 +427,7 @@ def test_the_fused_path_lets_forward_kl_carry_the_cross_entropy(kind, monkeypatc
     monkeypatch.setattr(CrossEntropy, "rows_and_grad", refused)
     total, terms = fused_logit_loss(hs, ws, TeacherRows(outputs, torch.ones(rows, dtype=torch.bool)), labels, losses, chunk=4)
     monkeypatch.undo()
-    plain_outputs = kdistill.ModelOutputs(logits=teacher[None]) if kind == "dense" else kdistill.ModelOutputs(
+    plain_outputs = kdistill.ModelOutputs(logits=teacher[None]) if dense else kdistill.ModelOutputs(
         sparse=kdistill.SparseTargets(targets.ids[None], targets.logprobs[None], targets.log_tail[None], 2.0))
     batch = kdistill.Batch(input_ids=labels[None], labels=labels[None])
     parts = {name: loss(kdistill.ModelOutputs(logits=(hs @ ws.T)[None]), plain_outputs, batch) for name, _, loss in losses}
