@@ -10,7 +10,7 @@ A chunk's logits are stored vocabulary-major ([V, c] in memory, seen as its tran
 `W @ h.T` with few rows of h runs at full matrix-product speed on CPU BLAS, where `h @ W.T` loses
 25-30% of it (benchmarks/chunk_parts.py), and the losses work through the vocabulary in blocks, which are then contiguous.
 float32 chunks are computed into buffers made once per call (student, teacher, and one copy per
-further loss that needs the student's chunk intact).
+further loss that needs the student's chunk intact; a cross-entropy carried by another loss needs none).
 
 How many positions a chunk holds: explicit `chunk` positions when given, else as many as fit a
 memory budget (`memory_budget_mib`, default DEFAULT_MEMORY_BUDGET_MIB) for the chunk-sized float32
@@ -28,9 +28,9 @@ from torch import nn
 from kdistill.core.components import Batch, LogitLoss, ModelOutputs, SparseTargets
 
 DEFAULT_CHUNK_ELEMENTS = 3 << 23  # about 96 MiB of float32 logits per chunk (192 positions at V=128,256)
-# Memory for the chunk-sized tensors that exist at once (see chunk_tensors): 192 MiB gives forward KL
-# alone its former default (2 x 96 MiB, 192 positions at V=128,256) and forward KL + cross-entropy
-# 128 positions (3 x 64 MiB), which keeps the loss at most 0.14x naive PyTorch's memory there.
+# Memory for the chunk-sized tensors that exist at once (see chunk_tensors): 192 MiB gives forward KL,
+# alone or carrying the cross-entropy, 192 positions at V=128,256 (2 x 96 MiB), which keeps the loss at
+# about 0.11x naive PyTorch's memory there (docs/performance.md).
 DEFAULT_MEMORY_BUDGET_MIB = 192.0
 # On CUDA a chunk costs a fixed number of kernel launches whatever its size, so chunks must be large
 # for the products to dominate: 1 GiB (e.g. 1024 positions of forward KL + CE at V=128,256 over 3

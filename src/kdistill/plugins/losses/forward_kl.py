@@ -45,15 +45,15 @@ class ForwardKL(Divergence):
 
     def _rows_and_grad(self, student, teacher, labels, ce_scale):
         """(rows, cross-entropy rows or None, gradient [+ ce_scale x the cross-entropy's]) in two passes."""
+        ce_labels = labels if ce_scale is not None else None
         if isinstance(teacher, SparseTargets):
-            return sparse_rows_and_grad(student, teacher, self.temperature, labels if ce_scale is not None else None,
-                                        ce_scale or 0.0)
-        if student.shape[-1] != teacher.shape[-1] or student.dtype != teacher.dtype:  # the autograd path
-            ce = cross_entropy_rows_and_grad(student.clone(), labels) if ce_scale is not None else None
-            values, grad = super().rows_and_grad(student, teacher, labels)
-            return values, None if ce is None else ce[0], grad if ce is None else grad.add_(ce[1], alpha=ce_scale)
-        return dense_rows_and_grad(student, teacher, self.temperature, labels if ce_scale is not None else None,
-                                   ce_scale or 0.0)
+            return sparse_rows_and_grad(student, teacher, self.temperature, ce_labels, ce_scale or 0.0)
+        if student.shape[-1] == teacher.shape[-1] and student.dtype == teacher.dtype:
+            return dense_rows_and_grad(student, teacher, self.temperature, ce_labels, ce_scale or 0.0)
+        # the autograd path (vocabularies padded to different sizes), the cross-entropy beside it
+        ce = cross_entropy_rows_and_grad(student.clone(), labels) if ce_scale is not None else None
+        values, grad = super().rows_and_grad(student, teacher, labels)
+        return (values, None, grad) if ce is None else (values, ce[0], grad.add_(ce[1], alpha=ce_scale))
 
 
 def dense_rows_and_grad(student: torch.Tensor, teacher: torch.Tensor, temp: float, labels: torch.Tensor | None = None,
