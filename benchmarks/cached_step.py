@@ -5,7 +5,7 @@ the cache costs against the teacher's bare forward; side by side in one process,
 
 1. Writes the caches the steps read (4 x steps x rounds blocks, or 4 x write-batches if more) when missing
    (`quickstart-cached`: SmolLM2-135M-Instruct teacher,
-   vocabulary 49,152, the 6-layer student cut from it, 4 x 128 tokens): top-k (k = 64) and sampled (k = 48
+   vocabulary 49,152, the 6-layer student cut from it, 4 x 128 tokens): top-k (k = 64) and sampled (k = 64
    draws), both at T = 2.
 2. Steps, each engine `--steps` per round in turn: cross-entropy alone (the same student forward and
    backward, no teacher); forward KL (T = 2) + cross-entropy from the top-k cache and from the sampled cache;
@@ -38,9 +38,9 @@ from on_policy import Timed, build  # noqa: E402  (the same engine builder and t
 
 from kdistill.plugins.losses.forward_kl import ForwardKL  # noqa: E402
 
-SEPARATE = "KD from the sampled cache (k=48), cross-entropy in its own passes"
+SEPARATE = "KD from the sampled cache (k=64), cross-entropy in its own passes"
 CACHES = {"top-k": ["teacher.options.mode=top-k", "teacher.options.k=64", "teacher.options.path=runs/cache-top-k"],
-          "sampled": ["teacher.options.mode=sampled", "teacher.options.k=48", "teacher.options.path=runs/cache-sampled"]}
+          "sampled": ["teacher.options.mode=sampled", "teacher.options.k=64", "teacher.options.path=runs/cache-sampled"]}
 
 
 def plan(recipe: str, overrides: list[str]):
@@ -99,14 +99,14 @@ def write_rates(common: list[str], batches: int, rounds: int) -> dict[str, list[
             return getattr(self.inner, name)
 
     identity = source_identity(options.source)
-    rates: dict[str, list[float]] = {"teacher forward (logits)": [], "writer, top-k (k=64)": [], "writer, sampled (k=48)": []}
+    rates: dict[str, list[float]] = {"teacher forward (logits)": [], "writer, top-k (k=64)": [], "writer, sampled (k=64)": []}
     for _ in range(rounds):
         began = time.perf_counter()
         with torch.no_grad():
             for start in range(0, len(keys), train.batch_size):
                 teacher.outputs(data.batch_for_keys(keys[start:start + train.batch_size]), Needs(logits=True))
         rates["teacher forward (logits)"].append(tokens / (time.perf_counter() - began))
-        for label, mode, k in (("writer, top-k (k=64)", "top-k", 64), ("writer, sampled (k=48)", "sampled", 48)):
+        for label, mode, k in (("writer, top-k (k=64)", "top-k", 64), ("writer, sampled (k=64)", "sampled", 64)):
             folder = Path(f"runs/write-{mode}")
             shutil.rmtree(folder, ignore_errors=True)
             began = time.perf_counter()
@@ -128,7 +128,7 @@ def steps(common: list[str], steps_per_round: int, rounds: int) -> None:
         "cross-entropy alone": build("quickstart-cached", common + CACHES["top-k"] + [
             "losses=[{name: cross-entropy, weight: 1.0}]", "output_dir=runs/ce"]),
         "KD from the top-k cache (k=64)": build("quickstart-cached", common + CACHES["top-k"] + kd + ["output_dir=runs/top-k"]),
-        "KD from the sampled cache (k=48)": build("quickstart-cached", common + CACHES["sampled"] + kd + ["output_dir=runs/sampled"]),
+        "KD from the sampled cache (k=64)": build("quickstart-cached", common + CACHES["sampled"] + kd + ["output_dir=runs/sampled"]),
         SEPARATE: build("quickstart-cached", common + CACHES["sampled"] + kd + ["output_dir=runs/sampled-separate"]),
         "KD from the live teacher": build("quickstart", common + kd + ["output_dir=runs/live"]),
     }

@@ -11,9 +11,9 @@ independent draws give (1 - sum q^2) / k; k systematic draws give sum f (1 - f) 
 fractional part of k q (a token is drawn floor(k q) or ceil(k q) times); m exact tokens plus d independent
 draws from the rest give tail^2 (1 - sum r^2) / d, where r is the distribution of the rest. The expected
 gradient of forward KL is the same for all (unbiased); its noise is this variance. Bytes: 3 a draw stored
-as id and count, 2 as an id (systematic draws, the cache now), 3 an exact token (id and quantized
-log-probability) plus 6 per position (range and tail), and 2 per position for the entropy of the sampled
-caches.
+as id and count (independent draws), the k sorted ids Elias-Fano coded (systematic draws, the cache now; 2 + log2(V /
+k) bits a draw), 3 an exact token (id and quantized log-probability) plus 6 per position (range and tail), and 2
+per position for the entropy of the sampled caches.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--temperatures", default="1,2")
     args = parser.parse_args()
 
+    from kdistill.plugins.teachers.cache_store import elias_fano_layout
     from kdistill.toolkit import load_causal_lm, load_tokenizer, plan_recipe
 
     model = load_causal_lm(TEACHER, "teacher").eval()
@@ -55,7 +56,7 @@ def main() -> None:
             independent = float(((1 - squares) / k).mean())
             fraction = k * q - (k * q).floor()
             systematic = float(((fraction * (1 - fraction)).sum(-1) / k ** 2).mean())
-            print(f"| {temperature:g} | {k} | {independent:.4f} | {3 * k + 2} | {systematic:.4f} | {2 * k + 2} | "
+            print(f"| {temperature:g} | {k} | {independent:.4f} | {3 * k + 2} | {systematic:.4f} | {elias_fano_layout(k, q.shape[-1])[2] + 2} | "
                   f"{systematic / independent:.2f} |")
     print()
     print("| T | exact tokens | draws | bytes per token | mass of the exact tokens | summed variance |")

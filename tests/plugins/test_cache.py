@@ -22,7 +22,19 @@ from kdistill.cli import app
 from kdistill.core.config import resolve
 from kdistill.core.errors import ConfigError, KdistillError
 from kdistill.core.registry import Registry
-from kdistill.plugins.teachers.cache_store import TeacherCache, counted, dequantize, file_record, log_normalizer, quantize, shard_name, top_k_targets
+from kdistill.plugins.teachers.cache_store import (
+    TeacherCache,
+    counted,
+    dequantize,
+    elias_fano_layout,
+    file_record,
+    log_normalizer,
+    pack_sorted_ids,
+    quantize,
+    shard_name,
+    top_k_targets,
+    unpack_sorted_ids,
+)
 from kdistill.plugins.teachers.cached import cache_from_plan, source_identity
 from kdistill.plugins.teachers.hf import HFTeacher
 
@@ -139,11 +151,11 @@ def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_asset
     """Each position: k distinct ids whose counts sum to k, every token of the vocabulary drawn floor(k p) or
     ceil(k p) times (systematic sampling; p the teacher's probability at T); over all positions the likeliest
     token's share of the draws follows its mean probability; the teacher's entropy at T per position (float64
-    reference, float16 storage); 2 bytes a draw and 2 a position. A loss that is not unbiased on draws is
-    refused, word for word."""
+    reference, float16 storage); the draws Elias-Fano coded (2 + log2(V / k) bits a draw) and 2 bytes a
+    position. A loss that is not unbiased on draws is refused, word for word."""
     raw = cached_recipe(tiny_assets, tmp_path, k=8, temperature=2.0, mode="sampled")
     manifest = cache_from_plan(plan_of(raw), progress=False)
-    assert manifest["mode"] == "sampled" and manifest["seed"] == 0 and manifest["encoding"] == "kdistill-sampled/3"
+    assert manifest["mode"] == "sampled" and manifest["seed"] == 0 and manifest["encoding"] == "kdistill-sampled/4"
     cache = TeacherCache(tmp_path / "cache")
     engine = engine_for(tiny_recipe(tiny_assets, tmp_path / "live"))
     engine.build()
@@ -166,7 +178,8 @@ def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_asset
     assert abs(share.mean() - expected) < 5 * math.sqrt(0.25 / (8 * n))
     reference = -(probs.double() * probs.double().log()).sum(-1)
     assert got.entropy.dtype == torch.float32 and (got.entropy.double() - reference).abs().max() < 4e-3  # float16
-    payload = manifest["tokens"] * (8 * 2 + 2) + 20 * 8
+    low = int(math.log2(manifest["vocab_size"] / 8))
+    payload = manifest["tokens"] * (math.ceil((8 * low + 8 + (manifest["vocab_size"] - 1) // 2 ** low) / 8) + 2) + 20 * 8
     assert payload < manifest["shard_bytes"] < payload + 3 * 1024
     reverse = json.loads(json.dumps(raw))
     reverse["losses"][0] = {"name": "reverse-kl", "options": {"temperature": 2.0}}
@@ -183,10 +196,31 @@ def test_a_sampled_cache_holds_k_draws_from_the_teachers_distribution(tiny_asset
                               "mode (cache 'sampled', this run 'top-k')")
 
 
+def test_sorted_ids_pack_into_elias_fano_bytes_and_back():
+    """Non-decreasing ids (repeats, the first and last id of the vocabulary) come back exactly from
+    ceil((k L + k + floor((V - 1) / 2^L)) / 8) bytes, L = floor(log2(V / k)): 92 bytes for 64 ids of the
+    quickstart teacher's 49,152 (128 as 2-byte ids); down to L = 0 where k is near V."""
+    assert elias_fano_layout(64, 49152) == (9, 159, 92) and elias_fano_layout(48, 49152)[2] == 72
+    g = torch.Generator().manual_seed(0)
+    for vocab, k in [(49152, 64), (300, 8), (4, 4), (17, 16), (1 << 20, 3), (256, 1), (70000, 64)]:
+        ids = torch.randint(0, vocab, (3, 5, k), generator=g).sort(-1).values
+        ids[0, 0] = vocab - 1
+        ids[0, 1] = 0
+        ids[1, 0] = ids[1, 0, :1].expand(k)  # one token drawn k times
+        packed = pack_sorted_ids(ids, vocab)
+        low = int(math.floor(math.log2(vocab / k)))
+        assert packed.dtype == torch.uint8 and packed.shape == (3, 5, math.ceil((k * low + k + (vocab - 1) // 2 ** low) / 8))
+        assert torch.equal(unpack_sorted_ids(packed, k, vocab), ids), (vocab, k)
+    with pytest.raises(ValueError, match="14 ids where 16 were packed"):
+        # 8 ids below 64: 3 low bits each (3 bytes), then 15 unary bits holding 7 ones instead of 8
+        unpack_sorted_ids(torch.zeros(2, 1, 5, dtype=torch.uint8).index_fill_(-1, torch.tensor([3]), 0b01111111), 8, 64)
+
+
 def test_sampled_caches_of_the_earlier_encodings_are_still_read_and_not_resumed_into(tiny_assets, tmp_path):
-    """A sampled cache of the second encoding (distinct ids and a byte of count each, and the entropy) and of the
-    first (no entropy, no `encoding` in the manifest) read as the same targets, the first without the entropy;
-    writing over them is refused, naming the encoding, unless --overwrite."""
+    """A sampled cache of the third encoding (the draws as plain ids), of the second (distinct ids and a byte of
+    count each, and the entropy) and of the first (no entropy, no `encoding` in the manifest) read as the same
+    targets, the first without the entropy; writing over them is refused, naming the encoding, unless
+    --overwrite."""
     raw = cached_recipe(tiny_assets, tmp_path, k=4, temperature=2.0, mode="sampled")
     manifest = cache_from_plan(plan_of(raw), progress=False)
     folder = tmp_path / "cache"
@@ -205,10 +239,15 @@ def test_sampled_caches_of_the_earlier_encodings_are_still_read_and_not_resumed_
         (folder / "manifest.json").write_text(json.dumps(manifest))
         return TeacherCache(folder).lookup(keys)
 
+    def as_ids(tensors):
+        tensors["ids"] = unpack_sorted_ids(tensors.pop("packed_ids"), 4, manifest["vocab_size"]).to(torch.uint16)
+
     def as_counts(tensors):
         ids, counts = counted(tensors["ids"].long(), manifest["vocab_size"])
         tensors.update(ids=ids.to(torch.uint16), counts=counts.to(torch.uint8))
 
+    third = rewrite(as_ids, "kdistill-sampled/3")
+    assert all(torch.equal(getattr(third, name), getattr(now, name)) for name in ("ids", "logprobs", "entropy"))
     second = rewrite(as_counts, "kdistill-sampled/2")
     first = rewrite(lambda tensors: tensors.pop("entropy"), None)
     assert torch.equal(second.ids, now.ids) and torch.equal(second.logprobs, now.logprobs)
@@ -217,7 +256,7 @@ def test_sampled_caches_of_the_earlier_encodings_are_still_read_and_not_resumed_
     with pytest.raises(ConfigError) as err:
         cache_from_plan(plan_of(raw), progress=False)
     assert str(err.value) == (f"teacher.options.path: {folder} holds a cache of something else: encoding (cache "
-                              "'kdistill-sampled/1', now 'kdistill-sampled/3'); pass --overwrite to replace it")
+                              "'kdistill-sampled/1', now 'kdistill-sampled/4'); pass --overwrite to replace it")
 
 
 def test_a_mismatched_cache_is_refused_naming_the_field(tiny_assets, tmp_path):

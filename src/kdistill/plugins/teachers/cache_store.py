@@ -21,15 +21,19 @@ At k = 64 and a vocabulary under 65,536 that is 64*2 + 64 + 3*2 = 198 bytes per 
 A cache of `mode: sampled` (SAMPLED_ENCODING) holds, instead of the top k, k tokens drawn from
 softmax(logits / T) (random-sampling KD, Anshumann et al., ACL 2025), by systematic sampling (`sampled_draws`):
 
-    ids       [n, S, k]    the k tokens drawn, in id order (a token drawn twice is there twice)
-    entropy   [n, S]       float16  the entropy of softmax(logits / T)
+    packed_ids [n, S, b]   uint8    the k tokens drawn, in id order (a token drawn twice is there twice), Elias-Fano
+                                    coded (`pack_sorted_ids`): b = ceil((k L + k + floor((V - 1) / 2^L)) / 8) bytes,
+                                    L = floor(log2(V / k)) low bits a draw, the rest in unary
+    entropy    [n, S]      float16  the entropy of softmax(logits / T)
 
 The targets are the draws' frequencies: an unbiased estimate of the teacher's distribution, so the expected
 gradient of forward KL (the cross-entropy to the teacher) is the full one, at any k; no tail bin. With the
-entropy, forward KL's value is an unbiased estimate of the full KL too (not the KL to the draws). 2 bytes per
-draw and 2 a position: 66 at k = 32, 98 at k = 48. The draws are seeded per shard, so a resumed write gives the
-same files. Caches of the earlier sampled encodings (distinct ids and a byte of count each, of independent
-draws; with or without the entropy) are still read.
+entropy, forward KL's value is an unbiased estimate of the full KL too (not the KL to the draws). Sorted ids
+from a vocabulary of V cost about 2 + log2(V / k) bits each instead of 16: at V = 49,152, 92 bytes hold 64
+draws (94 a position with the entropy) where 2 bytes an id held 48. The draws are seeded per shard, so a
+resumed write gives the same files. Caches of the earlier sampled encodings (the draws as 2-byte ids, 3;
+distinct ids and a byte of count each, of independent draws, with or without the entropy, 2 and 1) are still
+read.
 
 The top-k per-position encoding (ENCODING; `encode_top_k`, `decode_top_k`) is also how `kdistill generate` stores the teacher's
 top-k for the tokens it wrote (generator option `top_k`). The error
@@ -55,6 +59,7 @@ import json
 import math
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -64,7 +69,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 import kdistill
-from kdistill import ConfigError, KdistillError, SparseTargets
+from kdistill import ConfigError, KdistillError, Needs, SparseTargets
 
 FORMAT = "kdistill-teacher-cache/2"  # 2: sha256 of every shard and of the index; the teacher known by its weights
 OLD_FORMATS = ("kdistill-teacher-cache/1",)  # no content hashes, the teacher known by its path: refused
@@ -72,11 +77,14 @@ MANIFEST = "manifest.json"
 INDEX = "index.safetensors"
 LEVELS = 255
 ENCODING = "kdistill-top-k/1"  # per position: ids, q (uint8), hi, lo, log_tail (float16), as below
-SAMPLED_ENCODING = "kdistill-sampled/3"  # per position: the ids of k systematic draws, entropy (float16), as above
-# still read: distinct ids and uint8 counts of k independent draws, with (2) and without (1) the entropy
+SAMPLED_ENCODING = "kdistill-sampled/4"  # per position: k systematic draws Elias-Fano coded, entropy (float16)
+# still read: the draws as plain ids (3); distinct ids and uint8 counts of k independent draws, with (2) and
+# without (1) the entropy
+THIRD_SAMPLED_ENCODING = "kdistill-sampled/3"
 SECOND_SAMPLED_ENCODING, FIRST_SAMPLED_ENCODING = "kdistill-sampled/2", "kdistill-sampled/1"
-FIELDS = {ENCODING: ("ids", "q", "hi", "lo", "log_tail"), SAMPLED_ENCODING: ("ids", "entropy"),
-          SECOND_SAMPLED_ENCODING: ("ids", "counts", "entropy"), FIRST_SAMPLED_ENCODING: ("ids", "counts")}
+FIELDS = {ENCODING: ("ids", "q", "hi", "lo", "log_tail"), SAMPLED_ENCODING: ("packed_ids", "entropy"),
+          THIRD_SAMPLED_ENCODING: ("ids", "entropy"), SECOND_SAMPLED_ENCODING: ("ids", "counts", "entropy"),
+          FIRST_SAMPLED_ENCODING: ("ids", "counts")}
 ENCODINGS = {"top-k": ENCODING, "sampled": SAMPLED_ENCODING}  # what the writer stores in each mode
 
 # manifest fields that must match between a cache and the run that uses it (or resumes writing it)
@@ -255,16 +263,58 @@ def counted(draws: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.T
     return ids[:, :k].reshape(*shape, k), counts[:, :k].reshape(*shape, k)
 
 
+def elias_fano_layout(k: int, vocab_size: int) -> tuple[int, int, int]:
+    """(low bits a draw L, bits of the unary part, bytes a position) of k sorted ids below `vocab_size`."""
+    low = max(0, (vocab_size // k).bit_length() - 1)  # floor(log2(V / k))
+    unary = k + ((vocab_size - 1) >> low)  # the last id's bit is at most at (V - 1) >> L + k - 1
+    return low, unary, (k * low + unary + 7) // 8
+
+
+def pack_sorted_ids(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """uint8 [..., b]: each row of ids [..., k] (non-decreasing, below `vocab_size`) Elias-Fano coded: the L low
+    bits of every id, then a bit set at (id >> L) + i for the i-th id; a fixed number of bytes a row, so the
+    shards stay plain tensors and a row is read by its index."""
+    shape, k = ids.shape[:-1], ids.shape[-1]
+    low, unary, size = elias_fano_layout(k, vocab_size)
+    flat = ids.reshape(-1, k).long()
+    rows = flat.shape[0]
+    bits = torch.zeros(rows, size * 8, dtype=torch.uint8, device=ids.device)
+    if low:
+        shifts = torch.arange(low, device=ids.device)
+        bits[:, :k * low] = ((flat.unsqueeze(-1) >> shifts) & 1).reshape(rows, k * low).to(torch.uint8)
+    ones = k * low + (flat >> low) + torch.arange(k, device=ids.device)
+    bits.scatter_(1, ones, 1)
+    weights = (1 << torch.arange(8, device=ids.device)).to(torch.uint8)
+    return (bits.view(rows, size, 8) * weights).sum(-1, dtype=torch.uint8).reshape(*shape, size)
+
+
+def unpack_sorted_ids(packed: torch.Tensor, k: int, vocab_size: int) -> torch.Tensor:
+    """The ids [..., k] (int64, in id order) of rows packed by `pack_sorted_ids`."""
+    shape = packed.shape[:-1]
+    low, unary, size = elias_fano_layout(k, vocab_size)
+    flat = packed.reshape(-1, size)
+    rows = flat.shape[0]
+    bits = (flat.unsqueeze(-1) >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1
+    bits = bits.reshape(rows, size * 8)
+    where = bits[:, k * low:k * low + unary].nonzero()[:, 1]  # row by row, in order
+    if where.numel() != rows * k:
+        raise ValueError(f"{where.numel()} ids where {rows * k} were packed")
+    ids = (where.view(rows, k) - torch.arange(k, device=packed.device)) << low
+    if low:
+        ids |= (bits[:, :k * low].view(rows, k, low).long() << torch.arange(low, device=packed.device)).sum(-1)
+    return ids.reshape(*shape, k)
+
+
 def encode_sampled(logits: torch.Tensor, k: int, temperature: float, vocab_size: int,
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The stored form (SAMPLED_ENCODING) of k draws from softmax(logits / T) at every position."""
     draws, entropy = sampled_draws(logits, k, temperature, generator)
-    return {"ids": draws.to(ids_dtype(vocab_size)), "entropy": entropy.half()}
+    return {"packed_ids": pack_sorted_ids(draws, vocab_size), "entropy": entropy.half()}
 
 
 def decode_sampled(draws: torch.Tensor, temperature: float, vocab_size: int,
                    entropy: torch.Tensor | None = None) -> SparseTargets:
-    """Targets from their stored form (SAMPLED_ENCODING): the draws' frequencies over distinct ids."""
+    """Targets from k draws [..., k] in id order: the draws' frequencies over distinct ids."""
     return targets_from_counts(*counted(draws, vocab_size), temperature, entropy)
 
 
@@ -486,32 +536,39 @@ def write_cache(teacher, data, folder: Path, *, k: int, temperature: float, shar
     done = sum(min(shard_sequences, len(keys) - i * shard_sequences) for i in range(n_shards) if shard_name(i) in kept)
     bar = _progress(progress, len(keys), done)
     records: dict[str, dict[str, Any]] = {}
-    for index in range(n_shards):
-        target = folder / shard_name(index)
-        if target.name in kept:
-            records[target.name] = kept[target.name]
-            continue
-        target.unlink(missing_ok=True)  # missing, changed since it was written, or written but never recorded
-        shard_keys = keys[index * shard_sequences:(index + 1) * shard_sequences]
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS[ENCODINGS[mode]]}
-        worst = 0.0
-        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + index) if mode == "sampled" else None
-        for start in range(0, len(shard_keys), batch_size):
-            batch = data.batch_for_keys(shard_keys[start:start + batch_size]).to(device)
-            bar.update(batch.input_ids.shape[0])
-            encoded, error = _encoded(teacher, batch, k, temperature, vocab, generator)
-            worst = max(worst, error)
-            for name, value in encoded.items():
-                parts[name].append(value.cpu())
-        tensors = {name: torch.cat(values) for name, values in parts.items()}
-        tensors["keys"] = shard_keys.to(torch.int64).clone()
-        tmp = folder / f".tmp-{target.name}"
-        save_file(tensors, str(tmp), metadata={"max_abs_logprob_error": repr(worst)})
-        _fsync(tmp)
-        records[target.name] = file_record(tmp)
-        os.replace(tmp, target)
-        manifest["shards"] = {**kept, **records}
-        _write_json(path, manifest)  # a resumed write keeps this shard
+    # one encoder thread: a batch's top k or draws are taken while the teacher runs on the next batch (in
+    # order, so the draws and the files are those of a write without it)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdistill-cache-encoder") as encoder:
+        for index in range(n_shards):
+            target = folder / shard_name(index)
+            if target.name in kept:
+                records[target.name] = kept[target.name]
+                continue
+            target.unlink(missing_ok=True)  # missing, changed since it was written, or written but never recorded
+            shard_keys = keys[index * shard_sequences:(index + 1) * shard_sequences]
+            parts: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS[ENCODINGS[mode]]}
+            worst = 0.0
+            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + index) if mode == "sampled" else None
+            pending: list[Future] = []
+            for start in range(0, len(shard_keys), batch_size):
+                batch = data.batch_for_keys(shard_keys[start:start + batch_size]).to(device)
+                bar.update(batch.input_ids.shape[0])
+                out = teacher.outputs(batch, Needs(logits=True))
+                pending.append(encoder.submit(_encoded, out, k, temperature, vocab, generator))
+                while len(pending) > 1 or (pending and start + batch_size >= len(shard_keys)):
+                    encoded, error = pending.pop(0).result()
+                    worst = max(worst, error)
+                    for name, value in encoded.items():
+                        parts[name].append(value.cpu())
+            tensors = {name: torch.cat(values) for name, values in parts.items()}
+            tensors["keys"] = shard_keys.to(torch.int64).clone()
+            tmp = folder / f".tmp-{target.name}"
+            save_file(tensors, str(tmp), metadata={"max_abs_logprob_error": repr(worst)})
+            _fsync(tmp)
+            records[target.name] = file_record(tmp)
+            os.replace(tmp, target)
+            manifest["shards"] = {**kept, **records}
+            _write_json(path, manifest)  # a resumed write keeps this shard
     bar.close()
     manifest["shards"] = records  # in shard order
     _write_index(folder, n_shards)
@@ -548,13 +605,10 @@ def _write_index(folder: Path, n_shards: int) -> None:
     os.replace(tmp, folder / INDEX)
 
 
-def _encoded(teacher, batch, k: int, temperature: float, vocab: int,
+def _encoded(out, k: int, temperature: float, vocab: int,
              generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """The teacher's targets for a batch, encoded (the cost the cache saves every later run); k draws when a
+    """The teacher's outputs for a batch, encoded (the cost the cache saves every later run); k draws when a
     `generator` is given, else the top k."""
-    from kdistill import Needs
-
-    out = teacher.outputs(batch, Needs(logits=True))
     if out.sparse is None and generator is not None:
         return encode_sampled(out.logits, k, temperature, vocab, generator), 0.0
     if out.sparse is None:
@@ -621,6 +675,7 @@ class TeacherCache:
             self.mode = identity(self.manifest, "mode")
             self._fields = FIELDS[identity(self.manifest, "encoding")]
             self.vocab_size = int(self.manifest["vocab_size"])
+            self.k = int(self.manifest["k"])
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise damaged(path, f"not a complete manifest ({_first_line(exc)})") from None
         records = self.manifest.get("shards") or {}
@@ -699,7 +754,10 @@ class TeacherCache:
         t = {name: torch.cat(values) for name, values in parts.items()}
         if "counts" in t:  # an earlier sampled encoding
             return targets_from_counts(t["ids"], t["counts"], self.temperature, t.get("entropy"))
-        if self.mode == "sampled":
+        if "packed_ids" in t:
+            draws = unpack_sorted_ids(t["packed_ids"], self.k, self.vocab_size)
+            return decode_sampled(draws, self.temperature, self.vocab_size, t["entropy"])
+        if self.mode == "sampled":  # the draws as plain ids (THIRD_SAMPLED_ENCODING)
             return decode_sampled(t["ids"], self.temperature, self.vocab_size, t["entropy"])
         return decode_top_k(t["ids"], t["q"], t["hi"], t["lo"], t["log_tail"], self.temperature)
 
