@@ -106,11 +106,11 @@ def write_rates(common: list[str], batches: int, rounds: int) -> dict[str, list[
             for start in range(0, len(keys), train.batch_size):
                 teacher.outputs(data.batch_for_keys(keys[start:start + train.batch_size]), Needs(logits=True))
         rates["teacher forward (logits)"].append(tokens / (time.perf_counter() - began))
-        for label, mode, k in (("writer, top-k (k=64)", "top-k", 64), ("writer, sampled (k=64)", "sampled", 64)):
+        for label, mode in (("writer, top-k (k=64)", "top-k"), ("writer, sampled (k=64)", "sampled")):
             folder = Path(f"runs/write-{mode}")
             shutil.rmtree(folder, ignore_errors=True)
             began = time.perf_counter()
-            write_cache(teacher, Prefix(data), folder, k=k, temperature=2.0, shard_sequences=256,
+            write_cache(teacher, Prefix(data), folder, k=64, temperature=2.0, shard_sequences=256,
                         batch_size=train.batch_size, device=torch.device("cpu"), teacher_identity=identity,
                         progress=False, mode=mode)
             rates[label].append(tokens / (time.perf_counter() - began))
